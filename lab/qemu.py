@@ -1,0 +1,272 @@
+"""The `qemu` L0 driver: QEMU as a subprocess.
+
+The command line is a list built by small pure functions, one per concern
+(machine, accelerator + CPU, kernel + modules, drives, network, serial, monitor),
+each tested with a table of cases. `Vm` owns the process: it is started in its own
+process group and killed with it, whatever happens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.runner import kill_group
+
+log = logging.getLogger("lab.qemu")
+QEMU = "qemu-system-x86_64"
+
+
+# ------------------------------------------------------------ argv builders
+def machine_args(machine: str = "pc") -> list[str]:
+    # -nodefaults: no stray devices (the default NIC would bypass restrict=on).
+    return ["-machine", machine, "-nodefaults", "-display", "none", "-no-reboot"]
+
+
+def accel_args(accel: str, cpu_model: str = "") -> list[str]:
+    """TCG: `qemu64,+svm,+npt` is the one CPU model whose Xen PV dom0 was stable
+    (facts/xen-under-qemu.md: `max` crashes dom0 through SMAP emulation, `max,-smap`
+    made dom0 userspace flaky). tb-size=256 keeps QEMU's RSS near 2 GB.
+    KVM: the host CPU, so nested VMX/SVM reaches Xen."""
+    if accel == "tcg":
+        return ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", cpu_model or "qemu64,+svm,+npt"]
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", cpu_model or "host"]
+    raise ValueError(f"unknown accelerator {accel!r}")
+
+
+def smp_mem_args(cpus: int, memory_mib: int) -> list[str]:
+    return ["-smp", str(cpus), "-m", f"{memory_mib}M"]
+
+
+def multiboot_args(*, xen: Path, xen_cmdline: str, modules: list[tuple[Path, str]]) -> list[str]:
+    """Xen as a multiboot kernel; dom0's kernel and initrd as modules.
+
+    QEMU separates modules with ',' and a module's own command line follows its
+    path after a space, so a literal ',' must be doubled."""
+    mods = []
+    for path, args in modules:
+        text = f"{path} {args}".strip() if args else str(path)
+        mods.append(text.replace(",", ",,"))
+    argv = ["-kernel", str(xen), "-append", xen_cmdline]
+    if mods:
+        argv += ["-initrd", ",".join(mods)]
+    return argv
+
+
+@dataclass(frozen=True)
+class Drive:
+    path: Path
+    serial: str  # how dom0 finds the disk: /sys/block/vdX/serial
+    fmt: str = "qcow2"
+
+
+def drive_args(drives: list[Drive]) -> list[str]:
+    """virtio-blk disks, one per drive. cache=unsafe: every writable layer is a
+    throwaway overlay, so flushes to the host buy nothing."""
+    argv: list[str] = []
+    for i, d in enumerate(drives):
+        argv += [
+            "-drive", f"file={d.path},if=none,id=d{i},format={d.fmt},cache=unsafe,discard=unmap",
+            "-device", f"virtio-blk-pci,drive=d{i},serial={d.serial}",
+        ]
+    return argv
+
+
+def net_args(ssh_port: int) -> list[str]:
+    """User networking with restrict=on: the VM reaches nothing outside QEMU; the
+    only way in is the SSH forward, bound to 127.0.0.1."""
+    return [
+        "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=n0",
+    ]
+
+
+def serial_args(console_log: Path) -> list[str]:
+    return ["-serial", f"file:{console_log}"]
+
+
+def qmp_args(sock: Path) -> list[str]:
+    return ["-qmp", f"unix:{sock},server=on,wait=off"]
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    accel: str
+    cpus: int
+    memory_mib: int
+    xen: Path
+    xen_cmdline: str
+    modules: list[tuple[Path, str]]
+    drives: list[Drive]
+    ssh_port: int
+    console_log: Path
+    qmp_sock: Path
+    cpu_model: str = ""
+    extra: list[str] = field(default_factory=list)
+
+
+def build_argv(spec: VmSpec) -> list[str]:
+    return [
+        QEMU,
+        *machine_args(),
+        *accel_args(spec.accel, spec.cpu_model),
+        *smp_mem_args(spec.cpus, spec.memory_mib),
+        *multiboot_args(xen=spec.xen, xen_cmdline=spec.xen_cmdline, modules=spec.modules),
+        *drive_args(spec.drives),
+        *net_args(spec.ssh_port),
+        *serial_args(spec.console_log),
+        *qmp_args(spec.qmp_sock),
+        *spec.extra,
+    ]
+
+
+# ------------------------------------------------------------ helpers
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, chosen now. QEMU binds it a moment later; if
+    something else took it meanwhile QEMU fails at once and the caller retries."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def create_overlay(base: Path, overlay: Path, *, base_fmt: str = "raw") -> None:
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_fmt, "-b", str(base), str(overlay)],
+        check=True, capture_output=True, timeout=60,
+    )
+
+
+def create_disk(path: Path, size: int) -> None:
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+        check=True, capture_output=True, timeout=60,
+    )
+
+
+def qemu_version() -> str:
+    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=30).stdout
+    return out.splitlines()[0] if out else "unknown"
+
+
+class Qmp:
+    """A minimal QMP client (one command at a time, each with a deadline)."""
+
+    def __init__(self, path: Path, timeout: float = 5) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("QMP closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def cmd(self, name: str, **args: object) -> object:
+        msg: dict[str, object] = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+            # asynchronous events are skipped
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Vm:
+    """A running QEMU. `stop()` kills its whole process group; safe to call twice."""
+
+    def __init__(self, spec: VmSpec, argv: list[str], stderr_path: Path) -> None:
+        self.spec = spec
+        self.argv = argv
+        self.stderr_path = stderr_path
+        self._stderr = open(stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+            start_new_session=True,
+        )
+        self.started = time.monotonic()
+        log.info("QEMU pid %d, ssh on 127.0.0.1:%d", self.proc.pid, spec.ssh_port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def qmp(self, name: str, **args: object) -> object:
+        q = Qmp(self.spec.qmp_sock)
+        try:
+            return q.cmd(name, **args)
+        finally:
+            q.close()
+
+    def status(self) -> str:
+        """QEMU's run state, for evidence only: the hang decision never reads it."""
+        try:
+            st = self.qmp("query-status")
+            return str(st.get("status")) if isinstance(st, dict) else str(st)
+        except (OSError, RuntimeError, ConnectionError) as e:
+            return f"unknown ({e})"
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            kill_group(self.proc.pid)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.error("QEMU pid %d did not die after SIGKILL", self.proc.pid)
+        self._stderr.close()
+        try:
+            self.spec.qmp_sock.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def start(spec: VmSpec, stderr_path: Path) -> Vm:
+    argv = build_argv(spec)
+    vm = Vm(spec, argv, stderr_path)
+    # QEMU fails within a second on a bad argument or a taken port; say so now.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and vm.alive():
+        time.sleep(0.1)
+    if not vm.alive():
+        tail = vm.stderr_tail()
+        vm.stop()
+        raise LabError("boot:qemu", f"QEMU exited at once (rc {vm.proc.returncode})", tail=tail)
+    return vm
+
+
+def kvm_usable_quick() -> str | None:
+    """Why KVM is certainly unusable, or None if only a real probe can tell."""
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible"
+    return None

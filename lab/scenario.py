@@ -1,0 +1,394 @@
+"""Scenarios: frozen dataclasses and a strict TOML loader.
+
+Every key has a default here and is documented in docs/scenario.md. The loader
+rejects unknown keys and bad values with the file, the key path and what was
+expected, before anything starts. Durations are "30s", "5m", "1h" or a number of
+seconds; sizes are "512M", "4G" or a number of bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lab.errors import ScenarioError
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+RESERVED_NAMES = {"bisect"}  # results/bisect/ belongs to `lab bisect`
+
+
+class Duration(float):
+    """Seconds, written in TOML as "30s", "5m", "1h" or a number."""
+
+
+class Size(int):
+    """Bytes, written in TOML as "512M", "4G", "1T" or a number."""
+
+    @property
+    def mib(self) -> int:
+        return self // (1024 * 1024)
+
+
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT])i?B?\s*$", re.I)
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("a duration like \"30s\", \"5m\" or a number of seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration >= 0")
+        return Duration(value)
+    if isinstance(value, str) and (m := _DUR.match(value)):
+        scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
+        return Duration(float(m.group(1)) * scale)
+    raise ValueError("a duration like \"30s\", \"5m\" or a number of seconds")
+
+
+def parse_size(value: object) -> Size:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return Size(value)
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return Size(int(m.group(1)) * 1024 ** ("KMGT".index(m.group(2).upper()) + 1))
+    raise ValueError("a size like \"512M\" or \"4G\"")
+
+
+# ---------------------------------------------------------------- the schema
+DEFAULT_XEN_CMDLINE = (
+    "console=com1 com1=115200,8n1 dom0_max_vcpus=2 loglvl=warning "
+    "guest_loglvl=warning noreboot"
+)
+DEFAULT_DOM0_CMDLINE = "console=hvc0 earlyprintk=xen quiet"
+
+
+@dataclass(frozen=True)
+class LabCfg:
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    memory: Size = Size(1536 * 1024 * 1024)  # the Xen VM's RAM
+    cpus: int = 2
+    # "" picks per accelerator: qemu64,+svm,+npt under TCG (the only model whose PV
+    # dom0 was stable there, facts/xen-under-qemu.md), host under KVM.
+    cpu_model: str = ""
+
+
+@dataclass(frozen=True)
+class XenCfg:
+    binary: str = ""  # the user's own xen.gz / xen ELF; "" = the image's Debian Xen
+    cmdline: str = DEFAULT_XEN_CMDLINE
+
+
+@dataclass(frozen=True)
+class Dom0Cfg:
+    os: Literal["linux"] = "linux"
+    memory: Size = Size(512 * 1024 * 1024)
+    kernel: str = ""  # the user's own dom0 kernel; "" = the image's
+    initrd: str = ""  # the user's own dom0 initrd; "" = the lab's small one
+    cmdline: str = DEFAULT_DOM0_CMDLINE
+
+
+@dataclass(frozen=True)
+class DiskCfg:
+    vdev: str = "xvdb"
+    size: Size = Size(1024 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class GuestCfg:
+    name: str = ""
+    os: Literal["linux"] = "linux"
+    memory: Size = Size(256 * 1024 * 1024)
+    vcpus: int = 2
+    kernel: str = ""  # the user's own guest kernel; "" = the image's
+    initrd: str = ""
+    cmdline: str = "console=hvc0 quiet"
+    # blkfront module parameters; -1 leaves the driver's own default.
+    # 0 / 1 = a one-page ring (32 requests) and one queue: easy to fill.
+    max_ring_page_order: int = 0
+    max_queues: int = 1
+    disks: tuple[DiskCfg, ...] = (DiskCfg(),)
+
+
+@dataclass(frozen=True)
+class WorkloadCfg:
+    guest: str = ""
+    disk: str = "xvdb"
+    tool: Literal["fio"] = "fio"
+    rw: Literal["randrw", "randread", "randwrite", "read", "write", "rw", "randtrim"] = "randrw"
+    rwmixread: int = 50
+    bssplit: str = "4k/50:16k/25:64k/25"  # several block sizes
+    iodepth: int = 32
+    numjobs: int = 4  # outstanding I/O = iodepth x numjobs
+    ioengine: Literal["libaio", "io_uring", "psync"] = "libaio"
+    direct: bool = True
+    runtime: Duration = Duration(30)
+    size: str = ""  # "" = the whole disk
+    extra: dict[str, str] = field(default_factory=dict)  # more fio job options
+
+
+@dataclass(frozen=True)
+class WatchdogCfg:
+    interval: Duration = Duration(1)  # sampling interval
+    stall_window: Duration = Duration(15)  # no progress this long with I/O in flight = HANG
+    drain_window: Duration = Duration(30)  # after the workload, in-flight must reach 0
+
+
+@dataclass(frozen=True)
+class DeadlinesCfg:
+    xen_banner: Duration = Duration(60)
+    dom0_kernel: Duration = Duration(120)
+    dom0_ssh: Duration = Duration(240)
+    guest_create: Duration = Duration(120)
+    guest_ssh: Duration = Duration(180)
+    workload_grace: Duration = Duration(120)  # beyond the workload's own runtime
+    command: Duration = Duration(60)  # any single command over SSH
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = ""
+    description: str = ""
+    lab: LabCfg = LabCfg()
+    xen: XenCfg = XenCfg()
+    dom0: Dom0Cfg = Dom0Cfg()
+    guests: tuple[GuestCfg, ...] = ()
+    workloads: tuple[WorkloadCfg, ...] = ()
+    watchdog: WatchdogCfg = WatchdogCfg()
+    deadlines: DeadlinesCfg = DeadlinesCfg()
+    source: str = field(default="", metadata={"internal": True})
+
+    def guest(self, name: str) -> GuestCfg:
+        return next(g for g in self.guests if g.name == name)
+
+
+# ------------------------------------------------------------------ loading
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is Duration:
+        return 'a duration like "30s"'
+    if tp is Size:
+        return 'a size like "512M"'
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "an array of tables"
+    if origin is dict:
+        return "a table of strings"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str, where: str) -> Any:
+    def bad(expected: str | None = None) -> ScenarioError:
+        return ScenarioError(
+            f"{where}: key '{path}': expected {expected or _describe(tp)}, got {value!r}"
+        )
+
+    origin = typing.get_origin(tp)
+    if tp is Duration or tp is Size:
+        try:
+            return parse_duration(value) if tp is Duration else parse_size(value)
+        except ValueError as e:
+            raise bad(str(e)) from None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if not isinstance(value, list):
+            raise bad()
+        return tuple(_convert(item, v, f"{path}[{i}]", where) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                raise ScenarioError(
+                    f"{where}: key '{path}.{k}': expected a string or number, got {v!r}"
+                )
+            out[str(k)] = str(v)
+        return out
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, path, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"schema type {tp} not handled")  # a bug in this file, not user input
+
+
+def _build(cls: Any, table: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in table.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            hint = _close_match(key, fields)
+            raise ScenarioError(
+                f"{where}: unknown key '{path}'"
+                + (f" (did you mean '{hint}'?)" if hint else "")
+                + f"; known keys here: {known}"
+            )
+        kwargs[key] = _convert(hints[key], value, path, where)
+    return cls(**kwargs)
+
+
+def _close_match(key: str, names: typing.Iterable[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(key, list(names), n=1, cutoff=0.7)
+    return m[0] if m else None
+
+
+def _check(s: Scenario, where: str) -> None:
+    def err(path: str, msg: str) -> ScenarioError:
+        return ScenarioError(f"{where}: key '{path}': {msg}")
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", s.name):
+        raise err("name", f"expected lower-case letters, digits, '.', '_' or '-', got {s.name!r}")
+    if s.name in RESERVED_NAMES:
+        raise err("name", f"'{s.name}' is reserved")
+    if s.lab.cpus < 1:
+        raise err("lab.cpus", "expected at least 1")
+    if s.dom0.memory >= s.lab.memory:
+        raise err("dom0.memory", "expected less than lab.memory")
+    names = set()
+    for i, g in enumerate(s.guests):
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,15}", g.name):
+            raise err(f"guests[{i}].name", f"expected a short lower-case name, got {g.name!r}")
+        if g.name in names or g.name == "dom0":
+            raise err(f"guests[{i}].name", f"'{g.name}' is used twice or reserved")
+        names.add(g.name)
+        vdevs = [d.vdev for d in g.disks]
+        for j, d in enumerate(g.disks):
+            if not re.fullmatch(r"xvd[b-z]", d.vdev):
+                raise err(f"guests[{i}].disks[{j}].vdev", f"expected xvdb..xvdz (xvda is the root disk), got {d.vdev!r}")
+        if len(set(vdevs)) != len(vdevs):
+            raise err(f"guests[{i}].disks", "expected distinct vdev names")
+        if g.max_ring_page_order not in range(-1, 5):
+            raise err(f"guests[{i}].max_ring_page_order", "expected -1 (driver default) or 0..4")
+        if g.max_queues < -1 or g.max_queues == 0:
+            raise err(f"guests[{i}].max_queues", "expected -1 (driver default) or >= 1")
+        if g.vcpus < 1:
+            raise err(f"guests[{i}].vcpus", "expected at least 1")
+    total = sum(g.memory for g in s.guests) + s.dom0.memory
+    if total > s.lab.memory:
+        raise err("guests", f"dom0 and guests need {total >> 20} MiB, more than lab.memory")
+    for i, w in enumerate(s.workloads):
+        if w.guest not in names:
+            raise err(f"workloads[{i}].guest", f"expected one of the guests {sorted(names)}, got {w.guest!r}")
+        if w.disk not in [d.vdev for d in s.guest(w.guest).disks]:
+            raise err(f"workloads[{i}].disk", f"guest '{w.guest}' has no disk {w.disk!r}")
+        if not 0 <= w.rwmixread <= 100:
+            raise err(f"workloads[{i}].rwmixread", "expected 0..100")
+        for k in ("iodepth", "numjobs"):
+            if getattr(w, k) < 1:
+                raise err(f"workloads[{i}].{k}", "expected at least 1")
+        if w.runtime <= 0:
+            raise err(f"workloads[{i}].runtime", "expected more than 0s")
+    wd = s.watchdog
+    if wd.interval <= 0 or wd.stall_window < 2 * wd.interval:
+        raise err("watchdog.stall_window", "expected at least twice watchdog.interval")
+
+
+def load(spec: str | Path) -> Scenario:
+    """Load a preset name (lab/scenarios/NAME.toml) or a path to a TOML file."""
+    path = Path(spec)
+    if not path.suffix and not path.exists():
+        path = SCENARIO_DIR / f"{spec}.toml"
+        if not path.exists():
+            raise ScenarioError(
+                f"no scenario '{spec}': not a file, and not a preset ({', '.join(presets())})"
+            )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(raw, str(path))
+
+
+def from_dict(raw: dict[str, Any], where: str = "<scenario>") -> Scenario:
+    raw = dict(raw)
+    raw.setdefault("name", Path(where).stem if where.endswith(".toml") else "")
+    s = _build(Scenario, raw, "", where)
+    s = dataclasses.replace(s, source=where)
+    _check(s, where)
+    return s
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def to_dict(obj: Any) -> Any:
+    """The resolved scenario as plain data (written into every results directory)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def to_toml(obj: Any) -> str:
+    """Render the resolved scenario back to TOML (small writer: our schema only)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def is_table_list(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def emit(prefix: str, d: dict[str, Any], array: bool = False) -> None:
+        nested = {k: v for k, v in d.items() if (isinstance(v, dict) and v) or is_table_list(v)}
+        if prefix:
+            lines.append(f"\n[[{prefix}]]" if array else f"\n[{prefix}]")
+        for k, v in d.items():
+            if k in nested:
+                continue
+            if isinstance(v, dict):
+                lines.append(f"{k} = {{}}")
+            elif isinstance(v, list):
+                lines.append(f"{k} = [{', '.join(scalar(x) for x in v)}]")
+            else:
+                lines.append(f"{k} = {scalar(v)}")
+        for k, v in nested.items():
+            sub = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, list):
+                for item in v:
+                    emit(sub, item, array=True)
+            else:
+                emit(sub, v)
+
+    data = to_dict(obj)
+    data.pop("source", None)
+    emit("", data)
+    return "\n".join(lines).lstrip() + "\n"

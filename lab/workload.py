@@ -1,0 +1,104 @@
+"""Workloads: render a job, run it in the guest, parse its structured output into
+one IoResult. fio only for now; diskspd (Windows, -Rxml) plugs in beside it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from lab.scenario import WorkloadCfg
+
+
+@dataclass(frozen=True)
+class IoResult:
+    tool: str
+    read_iops: float
+    write_iops: float
+    read_bw_kib: float
+    write_bw_kib: float
+    clat_p50_ms: float
+    clat_p99_ms: float
+    clat_p999_ms: float
+    clat_max_ms: float
+    errors: int
+    runtime_s: float
+    ios: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def iops(self) -> float:
+        return self.read_iops + self.write_iops
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "iops": round(self.iops, 1)}
+
+
+def fio_job(w: WorkloadCfg, device: str) -> str:
+    """The fio job file: one group of `numjobs` jobs, outstanding = iodepth x numjobs."""
+    opts: dict[str, str] = {
+        "filename": device,
+        "ioengine": w.ioengine,
+        "direct": "1" if w.direct else "0",
+        "rw": w.rw,
+        "rwmixread": str(w.rwmixread),
+        "bssplit": w.bssplit,
+        "iodepth": str(w.iodepth),
+        "numjobs": str(w.numjobs),
+        "time_based": "1",
+        "runtime": f"{int(w.runtime)}s",
+        "group_reporting": "1",
+        "randrepeat": "0",
+        "norandommap": "1",
+    }
+    if w.size:
+        opts["size"] = w.size
+    opts.update(w.extra)
+    lines = ["[global]", *(f"{k}={v}" for k, v in opts.items()), "", "[lab]", ""]
+    return "\n".join(lines)
+
+
+def fio_argv(job_path: str, out_path: str) -> list[str]:
+    return ["fio", "--output-format=json", f"--output={out_path}", "--eta=never", job_path]
+
+
+def _pct(d: dict, key: str) -> float:
+    pct = d.get("clat_ns", {}).get("percentile", {}) or {}
+    v = pct.get(key)
+    return round(v / 1e6, 3) if v else 0.0
+
+
+def parse_fio(text: str) -> IoResult:
+    """fio's --output-format=json (with group_reporting: one job entry). fio may
+    print warnings before the JSON; they are skipped."""
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON object in fio output")
+    data = json.loads(text[start:])
+    jobs = data.get("jobs", [])
+    if not jobs:
+        raise ValueError("fio output has no jobs")
+    rd = {"iops": 0.0, "bw": 0.0, "io": 0}
+    wr = {"iops": 0.0, "bw": 0.0, "io": 0}
+    p50 = p99 = p999 = mx = 0.0
+    errors = 0
+    runtime = 0.0
+    for j in jobs:
+        errors += int(j.get("error", 0))
+        for side, acc in (("read", rd), ("write", wr), ("trim", wr)):
+            s = j.get(side, {})
+            acc["iops"] += float(s.get("iops", 0))
+            acc["bw"] += float(s.get("bw", 0))
+            acc["io"] += int(s.get("total_ios", 0))
+            if s.get("total_ios"):
+                p50 = max(p50, _pct(s, "50.000000"))
+                p99 = max(p99, _pct(s, "99.000000"))
+                p999 = max(p999, _pct(s, "99.900000"))
+                mx = max(mx, round(s.get("clat_ns", {}).get("max", 0) / 1e6, 3))
+        runtime = max(runtime, float(j.get("job_runtime", 0)) / 1000)
+    return IoResult(
+        tool="fio", read_iops=round(rd["iops"], 1), write_iops=round(wr["iops"], 1),
+        read_bw_kib=round(rd["bw"], 1), write_bw_kib=round(wr["bw"], 1),
+        clat_p50_ms=p50, clat_p99_ms=p99, clat_p999_ms=p999, clat_max_ms=mx,
+        errors=errors, runtime_s=runtime, ios=rd["io"] + wr["io"],
+        extra={"fio_version": data.get("fio version", "")},
+    )

@@ -1,0 +1,138 @@
+"""The toolstack, over a Runner: render xl.cfg, `xl create -p` / `unpause` (so no
+console output is lost), destroy, and read what blkfront and blkback negotiated
+from xenstore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from lab.errors import LabError
+from lab.runner import Runner
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+# blkif ring: a 4 KiB page holds 32 request slots (__CONST_RING_SIZE(blkif, 4096)).
+REQUESTS_PER_RING_PAGE = 32
+VDEV_DEVID = {f"xvd{c}": 51712 + 16 * i for i, c in enumerate("abcdefghijklmnop")}
+
+
+@dataclass(frozen=True)
+class XlDisk:
+    vdev: str
+    target: str
+
+
+def render_xl_cfg(**params: object) -> str:
+    return _env.get_template("xl-linux-pv.cfg.j2").render(**params)
+
+
+def parse_xenstore_ls(text: str) -> dict[str, str]:
+    """`xenstore-ls -f` lines ('/path/to/node = "value"') into {path: value}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        path, sep, value = line.partition(" = ")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        out[path.strip()] = value
+    return out
+
+
+@dataclass(frozen=True)
+class VbdInfo:
+    """What xenstore says about one virtual block device."""
+
+    domid: int
+    devid: int
+    vdev: str
+    backend_kind: str  # "vbd" (kernel blkback) or "qdisk" (QEMU)
+    backend_type: str  # "phy" for a block device target
+    params: str
+    physical_device: str
+    state_frontend: str
+    state_backend: str
+    ring_page_order: int
+    num_queues: int
+    max_indirect_segments: int
+    persistent: bool
+
+    @property
+    def ring_capacity(self) -> int:
+        """Request slots across all rings of this vbd."""
+        return REQUESTS_PER_RING_PAGE * (1 << self.ring_page_order) * self.num_queues
+
+    @property
+    def sysfs_name(self) -> str:
+        return f"vbd-{self.domid}-{self.devid}"
+
+
+def vbd_info(domid: int, vdev: str, backend: dict[str, str], frontend: dict[str, str]) -> VbdInfo:
+    """Combine the backend tree (/local/domain/0/backend) and the guest's frontend
+    tree (/local/domain/<domid>/device) for one vdev. Raises LabError if the disk
+    is not served by the kernel backend."""
+    devid = VDEV_DEVID[vdev]
+    fe = f"/local/domain/{domid}/device/vbd/{devid}"
+    kinds = [k for k in ("vbd", "qdisk", "vbd3") if f"/local/domain/0/backend/{k}/{domid}/{devid}/state" in backend]
+    if kinds != ["vbd"]:
+        raise LabError(
+            "guest:create",
+            f"domain {domid} disk {vdev} is served by {kinds or 'no backend'}, not the dom0 kernel's blkback (vbd)",
+        )
+    be = f"/local/domain/0/backend/vbd/{domid}/{devid}"
+
+    def fnode(name: str, default: str = "") -> str:
+        return frontend.get(f"{fe}/{name}", default)
+
+    queues = int(fnode("multi-queue-num-queues", "1") or 1)
+    return VbdInfo(
+        domid=domid,
+        devid=devid,
+        vdev=vdev,
+        backend_kind="vbd",
+        backend_type=backend.get(f"{be}/type", ""),
+        params=backend.get(f"{be}/params", ""),
+        physical_device=backend.get(f"{be}/physical-device", ""),
+        state_frontend=fnode("state"),
+        state_backend=backend.get(f"{be}/state", ""),
+        ring_page_order=int(fnode("ring-page-order", "0") or 0),
+        num_queues=queues,
+        max_indirect_segments=int(backend.get(f"{be}/feature-max-indirect-segments", "0") or 0),
+        persistent=backend.get(f"{be}/feature-persistent", "0") == "1" and fnode("feature-persistent", "0") == "1",
+    )
+
+
+class Xl:
+    def __init__(self, dom0: Runner, timeout: float) -> None:
+        self.dom0 = dom0
+        self.timeout = timeout
+
+    def create_paused(self, cfg_path: str, *, timeout: float) -> None:
+        self.dom0.run(["xl", "create", "-p", cfg_path], timeout=timeout).check("guest:create")
+
+    def unpause(self, name: str) -> None:
+        self.dom0.run(["xl", "unpause", name], timeout=self.timeout).check("guest:create")
+
+    def domid(self, name: str) -> int:
+        res = self.dom0.run(["xl", "domid", name], timeout=self.timeout).check("guest:create")
+        return int(res.stdout.strip())
+
+    def destroy(self, name: str) -> None:
+        self.dom0.run(["xl", "destroy", name], timeout=self.timeout)
+
+    def xenstore(self, path: str) -> dict[str, str]:
+        res = self.dom0.run(["xenstore-ls", "-f", path], timeout=self.timeout)
+        return parse_xenstore_ls(res.stdout) if res.ok else {}
+
+    def vbd(self, domid: int, vdev: str) -> VbdInfo:
+        return vbd_info(domid, vdev, self.xenstore("/local/domain/0/backend"),
+                        self.xenstore(f"/local/domain/{domid}/device/vbd"))
