@@ -69,13 +69,37 @@ class LinuxDom0:
 
     def backend_module(self) -> dict[str, str]:
         """What backend is loaded: the record states it; patched backends compare it."""
-        out = self.r.run(
-            ["sh", "-c", "cat /sys/module/xen_blkback/srcversion; uname -r; "
-             "modinfo -F vermagic xen_blkback; modinfo -n xen_blkback"],
-            timeout=self.timeout,
-        ).stdout.splitlines()
-        keys = ("srcversion", "kernel", "vermagic", "path")
-        return dict(zip(keys, [o.strip() for o in out], strict=False))
+        out = self.r.run(["sh", "-c", BACKEND_INFO], timeout=self.timeout).stdout
+        return parse_key_values(out)
+
+    def mount_boot_disk(self, serial: str, where: str) -> None:
+        """The read-only disk with the guests' kernels (cheaper than copying them
+        over SSH, whose crypto runs emulated in dom0)."""
+        dev = self.disk_by_serial(serial)
+        self.sh(f"mkdir -p {where} && mount -t ext4 -o ro,noload {dev} {where}", stage="guest:create")
+
+
+# One line per fact, key=value; a missing fact prints an empty value.
+BACKEND_INFO = r"""
+m=xen_blkback
+echo "kernel=$(uname -r)"
+echo "module_path=$(modinfo -n $m 2>/dev/null)"
+echo "srcversion=$(modinfo -F srcversion $m 2>/dev/null)"
+echo "vermagic=$(modinfo -F vermagic $m 2>/dev/null)"
+echo "build_id=$(od -An -tx1 -v /sys/module/$m/notes/.note.gnu.build-id 2>/dev/null | tr -d ' 
+' | cut -c33-)"
+echo "taint=$(cat /sys/module/$m/taint 2>/dev/null)"
+for p in /sys/module/$m/parameters/*; do echo "param.${p##*/}=$(cat $p)"; done
+"""
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep and k.strip():
+            out[k.strip()] = v.strip()
+    return out
 
 
 def parse_vbd_sample(values: list[str | None]) -> dict[str, int] | None:

@@ -361,9 +361,7 @@ def _customize(recipe: Recipe, rootfs: Path, keys: Keys) -> None:
     (rootfs / "etc/hostname").write_text(recipe.hostkey + "\n")
     if recipe.xen:
         # xenconsoled logs every guest console to /var/log/xen/console/guest-NAME.log
+        # (Debian's init script passes XENCONSOLED_ARGS through)
         default = rootfs / "etc/default/xen"
         text = default.read_text() if default.exists() else ""
-        default.write_text(text + '\nXENCONSOLED_TRACE="guest"\n')
-        common = rootfs / "etc/default/xencommons"
-        if common.exists():
-            common.write_text(common.read_text() + '\nXENCONSOLED_TRACE="guest"\n')
+        default.write_text(text + '\nXENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"\n')

@@ -65,6 +65,7 @@ class Drive:
     path: Path
     serial: str  # how dom0 finds the disk: /sys/block/vdX/serial
     fmt: str = "qcow2"
+    readonly: bool = False
 
 
 def drive_args(drives: list[Drive]) -> list[str]:
@@ -72,8 +73,9 @@ def drive_args(drives: list[Drive]) -> list[str]:
     throwaway overlay, so flushes to the host buy nothing."""
     argv: list[str] = []
     for i, d in enumerate(drives):
+        ro = ",readonly=on" if d.readonly else ""
         argv += [
-            "-drive", f"file={d.path},if=none,id=d{i},format={d.fmt},cache=unsafe,discard=unmap",
+            "-drive", f"file={d.path},if=none,id=d{i},format={d.fmt},cache=unsafe,discard=unmap{ro}",
             "-device", f"virtio-blk-pci,drive=d{i},serial={d.serial}",
         ]
     return argv

@@ -1,0 +1,52 @@
+# xen-blklab. Every target installs what it needs on a fresh Debian 12 machine (root).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap dmsetup e2fsprogs python3-venv git ca-certificates
+STAMP := $(VENV)/.installed
+
+.PHONY: deps venv images test test-unit test-e2e test-e2e-all bench lint clean
+
+# apt packages: only when something is missing (apt-get update costs time)
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+images: deps venv
+	$(VENV)/bin/lab images build
+
+# The README's test command: unit tests + the e2e tier (default PASS, negative control HANG).
+test: deps venv images
+	$(PY) -m pytest tests/unit tests/e2e -m "not nightly" -v
+
+test-unit: venv
+	$(PY) -m pytest tests/unit -q
+
+# The README's main job: the default scenario on the real nested stack.
+test-e2e: deps venv images
+	$(VENV)/bin/lab run default
+
+# Nightly: every preset and the benchmarks.
+test-e2e-all: deps venv images
+	$(PY) -m pytest tests/e2e -v
+	$(MAKE) bench
+
+bench: deps venv images
+	$(PY) tests/bench/bench_run.py
+
+lint: venv
+	$(VENV)/bin/ruff check lab tests
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

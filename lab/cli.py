@@ -1,0 +1,189 @@
+"""The `lab` command. Exit codes follow the verdict (architecture.md); usage and
+scenario errors exit 4 (ERROR), never argparse's 2, which would read as HANG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import shutil
+import sys
+import termios
+import tty
+from pathlib import Path
+
+from lab import images, report, scenario
+from lab.errors import Interrupted, LabError, ScenarioError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"lab: error: {message}", file=sys.stderr)
+        sys.exit(report.EXIT_CODES["ERROR"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lab", description="End-to-end lab for Xen's paravirtual block path.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a scenario (a preset name or a TOML file)")
+    r.add_argument("scenario")
+    r.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="override the scenario's accelerator")
+    r.add_argument("--results", type=Path, default=Path("results"), help="results root (default ./results)")
+    r.add_argument("--keep", action="store_true", help="leave a failed lab running for `lab ssh`")
+
+    i = sub.add_parser("images", help="build or list the cached base images")
+    isub = i.add_subparsers(dest="images_cmd", required=True, parser_class=_Parser)
+    isub.add_parser("build", help="build every image whose recipe or inputs changed")
+    isub.add_parser("list", help="list cached images")
+
+    sub.add_parser("list", help="list the preset scenarios")
+
+    s = sub.add_parser("ssh", help="open a shell in a kept lab: dom0 or a guest")
+    s.add_argument("machine")
+    s.add_argument("--lab", type=Path, default=Path("results/latest"), help="results dir of the kept lab")
+
+    d = sub.add_parser("down", help="tear down a lab left running by --keep")
+    d.add_argument("lab", type=Path, nargs="?", default=Path("results/latest"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    # paramiko logs each refused channel while a guest boots; those are expected retries
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    try:
+        return {"run": cmd_run, "images": cmd_images, "list": cmd_list, "ssh": cmd_ssh, "down": cmd_down}[
+            args.cmd](args)
+    except (ScenarioError, LabError) as e:
+        print(f"lab: ERROR: {e}", file=sys.stderr)
+        return report.EXIT_CODES["ERROR"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lab.run import LabRun
+
+    sc = scenario.load(args.scenario)
+    run = LabRun(sc, results_root=args.results, accel=args.accel, keep=args.keep)
+    try:
+        rec = run.execute()
+    except (KeyboardInterrupt, Interrupted):
+        print("\nlab: interrupted; the lab was torn down", file=sys.stderr)
+        return 130
+    for line in report.summary_lines(rec):
+        print(line)
+    if rec.get("kept"):
+        print(f"  lab left running (QEMU pid {rec['kept']['qemu_pid']}): "
+              f"`lab ssh dom0 --lab {rec['results_dir']}`; tear down with `{rec['teardown_hint']}`")
+    return int(rec["exit_code"])
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    names = sorted(p.name for p in images.RECIPES.iterdir() if (p / "recipe.toml").exists())
+    if args.images_cmd == "build":
+        for n in names:
+            img = images.ensure_image(n)
+            print(f"{n}: {img.dir}")
+        return 0
+    root = images.cache_dir() / "images"
+    for d in sorted(root.glob("*")) if root.exists() else []:
+        if d.name.startswith("."):
+            continue
+        size = sum(f.stat().st_size for f in d.iterdir())
+        current = any(images.image_path(n)[1] == d for n in names)
+        print(f"{d.name:40} {size / 2**20:8.0f} MiB  {'current' if current else 'stale'}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in scenario.presets():
+        sc = scenario.load(name)
+        print(f"{name:24} {sc.description}")
+    return 0
+
+
+def _kept(lab: Path) -> dict:
+    f = lab / "lab.json"
+    if not f.exists():
+        raise LabError("ssh", f"{lab} is not a kept lab (no lab.json; run with --keep)")
+    info = json.loads(f.read_text())
+    if not Path(f"/proc/{info['qemu_pid']}").exists():
+        raise LabError("ssh", f"the lab in {lab} is no longer running (QEMU pid {info['qemu_pid']} is gone)")
+    return info
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    import paramiko
+
+    from lab import ssh
+    from lab.timing import Deadline
+
+    info = _kept(args.lab.resolve())
+    keys = images.Keys(Path(info["keys"]))
+    client = paramiko.Ed25519Key.from_private_key_file(str(keys.client))
+    dom0 = ssh.SshRunner("dom0", host_key=ssh.load_pinned_key(Path(str(keys.host("dom0")) + ".pub")),
+                         client_key=client, connect=ssh.tcp_connect(info["ssh_port"]))
+    dom0.connect(Deadline(60), stage="ssh")
+    target = dom0
+    if args.machine != "dom0":
+        ip = info["guests"].get(args.machine)
+        if not ip:
+            raise LabError("ssh", f"no machine {args.machine!r}; this lab has dom0 and {sorted(info['guests'])}")
+        target = ssh.SshRunner(args.machine, host_key=ssh.load_pinned_key(Path(str(keys.host("guest")) + ".pub")),
+                               client_key=client, connect=ssh.via(dom0, ip))
+        target.connect(Deadline(60), stage="ssh")
+    assert target.transport is not None
+    chan = target.transport.open_session()
+    size = shutil.get_terminal_size()
+    chan.get_pty(term=os.environ.get("TERM", "xterm"), width=size.columns, height=size.lines)
+    chan.invoke_shell()
+    interactive = sys.stdin.isatty()
+    old = termios.tcgetattr(sys.stdin) if interactive else None
+    try:
+        if interactive:
+            tty.setraw(sys.stdin.fileno())
+        while True:
+            r, _, _ = select.select([chan, sys.stdin], [], [])
+            if chan in r:
+                data = chan.recv(4096)
+                if not data:
+                    break
+                os.write(sys.stdout.fileno(), data)
+            if sys.stdin in r:
+                data = os.read(sys.stdin.fileno(), 1024)
+                if not data:
+                    break
+                chan.send(data)
+    finally:
+        if old is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, old)
+    return chan.recv_exit_status() if chan.exit_status_ready() else 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from lab.runner import kill_group
+
+    lab = args.lab.resolve()
+    f = lab / "lab.json"
+    if not f.exists():
+        raise LabError("down", f"{lab} is not a kept lab (no lab.json)")
+    info = json.loads(f.read_text())
+    pid = int(info["qemu_pid"])
+    if Path(f"/proc/{pid}").exists():
+        kill_group(pid)  # QEMU was started in its own process group by the lab
+    shutil.rmtree(info["work"], ignore_errors=True)
+    f.rename(lab / "lab.json.down")
+    print(f"lab in {lab} torn down (QEMU pid {pid})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

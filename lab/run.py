@@ -1,0 +1,673 @@
+"""`lab run`: the data flow of architecture.md, one phase after another, each with
+its own deadline and its own stage name, and a teardown that always runs.
+
+    images -> overlays -> QEMU -> console milestones -> dom0 SSH -> guests
+    -> workload + watchdog -> drain -> evidence -> report -> teardown
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from lab import console, images, qemu, report, scenario, ssh, workload
+from lab.dom0 import DOM0_CLASSES, Backing, parse_vbd_sample
+from lab.errors import Interrupted, LabError
+from lab.guest import GUEST_CLASSES, parse_block_stat
+from lab.runner import CommandLog, LocalRunner
+from lab.timing import Deadline, wait_until
+from lab.watchdog import BackendPoint, GuestPoint, Sampler, Track, check_drain, check_hang, longest_gap, peak
+from lab.xen import VbdInfo, Xl, XlDisk, render_xl_cfg
+
+log = logging.getLogger("lab.run")
+GUEST_NET = "10.99.0"  # dom0's xenbr0 is .1; guests from .10 (inside L1 only)
+
+
+@dataclass
+class GuestState:
+    cfg: scenario.GuestCfg
+    ip: str
+    runner: ssh.SshRunner | None = None
+    domid: int | None = None
+    backings: dict[str, Backing] = field(default_factory=dict)
+    vbds: dict[str, VbdInfo] = field(default_factory=dict)
+    root_dev: str = ""
+
+
+@dataclass
+class Hooks:
+    """For tests and users who script the lab: called with the LabRun."""
+
+    workload_started: Callable[[LabRun], None] | None = None
+
+
+@contextlib.contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so teardown runs for both."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def runs_dir() -> Path:
+    return images.cache_dir() / "runs"
+
+
+def clean_stale_runs() -> list[str]:
+    """Work directories of runs whose lab process and QEMU are both gone (killed
+    with SIGKILL, power cut): remove them. Kept labs stay while their QEMU runs."""
+    removed = []
+    for d in runs_dir().glob("run-*"):
+        try:
+            owner = json.loads((d / "owner.json").read_text())
+        except (OSError, ValueError):
+            owner = {}
+        pids = [p for p in (owner.get("pid"), owner.get("qemu_pid")) if p]
+        if not any(Path(f"/proc/{p}").exists() for p in pids):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+class LabRun:
+    def __init__(
+        self,
+        sc: scenario.Scenario,
+        *,
+        results_root: Path,
+        accel: str | None = None,
+        keep: bool = False,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.sc = sc
+        self.results_root = results_root
+        self.accel_override = accel
+        self.keep = keep
+        self.hooks = hooks or Hooks()
+        self.record: dict = {"scenario": sc.name, "verdict": "ERROR", "stage": "setup", "phases": {}}
+        self.phases: dict[str, float] = self.record["phases"]
+        self.stage = "setup"
+        self.vm: qemu.Vm | None = None
+        self.dom0: ssh.SshRunner | None = None
+        self.guests: dict[str, GuestState] = {}
+        self.tracks: list[Track] = []
+        self.samplers: list[Sampler] = []
+        self.cleanups: list[Callable[[], None]] = []  # run before QEMU stops (faults release)
+        self.consoles: dict[str, console.Console] = {}
+        self.t_workload = 0.0
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------ top level
+    def execute(self) -> dict:
+        t_start = time.monotonic()
+        self.results = report.make_results_dir(self.results_root, self.sc.name)
+        self.record.update(results_dir=str(self.results), started_utc=report.utc_stamp())
+        (self.results / "scenario.toml").write_text(scenario.to_toml(self.sc))
+        self.cmdlog = CommandLog(self.results / "commands.log")
+        self.l0 = LocalRunner(self.cmdlog)
+        runs_dir().mkdir(parents=True, exist_ok=True)
+        clean_stale_runs()
+        self.work = Path(
+            __import__("tempfile").mkdtemp(prefix=f"run-{report.utc_stamp()}-", dir=runs_dir())
+        )
+        self._write_owner()
+        torn_down = False
+        try:
+            with sigterm_as_exception():
+                try:
+                    self._pipeline()
+                except LabError as e:
+                    self._error(e)
+                except Interrupted as e:
+                    self._error(LabError(self.stage, f"interrupted by {e}"))
+                    raise
+                except KeyboardInterrupt:
+                    self._error(LabError(self.stage, "interrupted (Ctrl-C)"))
+                    raise
+                finally:
+                    self._finish_record(t_start)
+                    keep = self.keep and self.record["verdict"] != "PASS" and self.vm and self.vm.alive()
+                    if keep:
+                        self._leave_running()
+                    else:
+                        t = time.monotonic()
+                        self.teardown()
+                        self.phases["teardown"] = round(time.monotonic() - t, 2)
+                        torn_down = True
+                    self.record["wall_s"] = round(time.monotonic() - t_start, 2)
+                    report.write_record(self.results / "record.json", self.record)
+        finally:
+            if not torn_down and not (self.keep and self.vm and self.vm.alive()):
+                self.teardown()
+        return self.record
+
+    def _pipeline(self) -> None:
+        self._phase("images", self.prepare_images)
+        self._phase("boot", self.boot_l1)
+        self._phase("guests", self.start_guests)
+        self._phase("workload", self.run_workloads)
+
+    def _phase(self, name: str, fn: Callable[[], None]) -> None:
+        t = time.monotonic()
+        try:
+            fn()
+        finally:
+            self.phases[name] = round(time.monotonic() - t, 2)
+
+    def _error(self, e: LabError) -> None:
+        log.error("%s", e)
+        self.record.update(verdict="ERROR", stage=e.stage, error=e.message)
+        if e.tail:
+            self.record["console_tail"] = e.tail.splitlines()[-30:]
+        self.record.setdefault("summary", f"lab failed at stage {e.stage}: {e.message}")
+
+    # ------------------------------------------------------------ images
+    def prepare_images(self) -> None:
+        self.stage = "image"
+        self.dom0_img = images.ensure_image("linux-dom0", runner=self.l0)
+        self.guest_img = images.ensure_image("linux-guest", runner=self.l0)
+        self.keys = images.ensure_keys()
+        m = self.dom0_img.manifest
+        self.record["images"] = {
+            "dom0": str(self.dom0_img.dir), "guest": str(self.guest_img.dir),
+            "kernel_abi": m.get("kernel_abi"), "xen": m.get("xen"),
+            "xen_version": m.get("packages", {}).get("xen-hypervisor-4.17-amd64"),
+            "kernel_version": m.get("packages", {}).get(f"linux-image-{m.get('kernel_abi')}"),
+        }
+        self.xen_bin = self._user_file(self.sc.xen.binary, "xen.binary") or self.dom0_img.xen
+        if self.sc.xen.binary and self.xen_bin.suffix == ".gz":
+            plain = self.work / "xen"
+            import gzip
+
+            plain.write_bytes(gzip.decompress(self.xen_bin.read_bytes()))
+            self.xen_bin = plain
+        self.dom0_kernel = self._user_file(self.sc.dom0.kernel, "dom0.kernel") or self.dom0_img.kernel
+        self.dom0_initrd = self._user_file(self.sc.dom0.initrd, "dom0.initrd") or self.dom0_img.initrd
+
+    def _user_file(self, value: str, key: str) -> Path | None:
+        if not value:
+            return None
+        p = Path(value).expanduser()
+        if not p.is_file():
+            raise LabError("image", f"{self.sc.source}: key '{key}': expected an existing file, got {value!r}")
+        return p.resolve()
+
+    # ------------------------------------------------------------ L1
+    def _boot_disk(self) -> Path:
+        """A small read-only ext4 disk holding each guest's kernel and initrd, which
+        dom0's xl needs as files. Built per run in a fraction of a second."""
+        stage = self.work / "boot"
+        stage.mkdir()
+        total = 0
+        for g in self.sc.guests:
+            kernel = self._user_file(g.kernel, "guests.kernel") or self.guest_img.kernel
+            initrd = self._user_file(g.initrd, "guests.initrd") or self.guest_img.initrd
+            for src, dst in ((kernel, f"{g.name}-vmlinuz"), (initrd, f"{g.name}-initrd")):
+                shutil.copyfile(src, stage / dst)
+                total += src.stat().st_size
+        img = self.work / "boot.img"
+        size_mib = 8 + int(total * 1.3) // 2**20
+        self.l0.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", str(stage), str(img), f"{size_mib}M"],
+                    timeout=60).check("image")
+        shutil.rmtree(stage)
+        return img
+
+    def choose_accel(self) -> tuple[str, str]:
+        requested = self.accel_override or self.sc.lab.accel
+        if requested != "auto":
+            return requested, f"requested ({requested})"
+        from lab import kvmprobe
+
+        ok, why = kvmprobe.kvm_works(self.xen_bin, self.dom0_kernel, self.dom0_initrd)
+        return ("kvm" if ok else "tcg"), why
+
+    def boot_l1(self) -> None:
+        self.stage = "boot:qemu"
+        accel, why = self.choose_accel()
+        self.record.update(accel=accel, accel_reason=why)
+        root = self.work / "dom0-root.qcow2"
+        qemu.create_overlay(self.dom0_img.root, root)
+        drives = [qemu.Drive(root, "lab-dom0-root")]
+        for i, g in enumerate(self.sc.guests):
+            groot = self.work / f"{g.name}-root.qcow2"
+            qemu.create_overlay(self.guest_img.root, groot)
+            drives.append(qemu.Drive(groot, f"lab-{g.name}-root"))
+            for d in g.disks:
+                disk = self.work / f"{g.name}-{d.vdev}.qcow2"
+                qemu.create_disk(disk, d.size)
+                drives.append(qemu.Drive(disk, f"lab-{g.name}-{d.vdev}"))
+            self.guests[g.name] = GuestState(g, f"{GUEST_NET}.{10 + i}")
+        drives.append(qemu.Drive(self._boot_disk(), "lab-boot", fmt="raw", readonly=True))
+        mem = self.sc.dom0.memory.mib
+        xen_cmdline = f"{self.sc.xen.cmdline} dom0_mem={mem}M,max:{mem}M"
+        serial = self.results / "console-xen.log"
+        self.consoles["xen"] = console.Console(serial, "Xen serial")
+        for attempt in (1, 2):  # the port may be taken between choosing and binding it
+            spec = qemu.VmSpec(
+                accel=accel, cpus=self.sc.lab.cpus, memory_mib=self.sc.lab.memory.mib,
+                cpu_model=self.sc.lab.cpu_model, xen=self.xen_bin, xen_cmdline=xen_cmdline,
+                modules=[(self.dom0_kernel, f"{self.sc.dom0.cmdline} lab.root=/dev/vda"), (self.dom0_initrd, "")],
+                drives=drives, ssh_port=qemu.free_port(), console_log=serial, qmp_sock=self.work / "qmp.sock",
+            )
+            argv = qemu.build_argv(spec)
+            (self.results / "qemu-argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+            try:
+                t_qemu = time.monotonic()
+                self.vm = qemu.start(spec, self.results / "qemu-stderr.log")
+                break
+            except LabError as e:
+                if attempt == 2 or "hostfwd" not in e.tail:
+                    raise
+        assert self.vm is not None
+        self._write_owner()
+        self.record["qemu"] = {"pid": self.vm.pid, "version": qemu.qemu_version(), "ssh_port": spec.ssh_port}
+        con = self.consoles["xen"]
+        dl = self.sc.deadlines
+        boot: dict[str, float] = {}
+        con.wait_for(console.XEN_BANNER, Deadline(dl.xen_banner), alive=self.vm.alive)
+        boot["xen_banner"] = round(time.monotonic() - t_qemu, 2)
+        con.wait_for(console.DOM0_KERNEL, Deadline(dl.dom0_kernel), alive=self.vm.alive)
+        boot["dom0_kernel"] = round(time.monotonic() - t_qemu, 2)
+        self.stage = "boot:dom0"
+        con.wait_for(console.DOM0_INIT, Deadline(dl.dom0_ssh), alive=self.vm.alive)
+        boot["dom0_init"] = round(time.monotonic() - t_qemu, 2)
+        self.stage = "boot:ssh"
+        self.dom0 = ssh.SshRunner(
+            "dom0",
+            host_key=ssh.load_pinned_key(Path(str(self.keys.host("dom0")) + ".pub")),
+            client_key=paramiko.Ed25519Key.from_private_key_file(str(self.keys.client)),
+            log_=self.cmdlog,
+            connect=ssh.tcp_connect(spec.ssh_port),
+        )
+        self.dom0.connect(Deadline(dl.dom0_ssh), stage="boot:ssh")
+        boot["dom0_ssh"] = round(time.monotonic() - t_qemu, 2)
+        self.record["boot"] = boot
+        self.record["l1"] = {"start": "cold", "dom0_ready_s": boot["dom0_ssh"]}
+        # the wall clock of a VM is whatever it booted with; make dom0 agree with L0
+        self.dom0.run(["date", "-u", "-s", f"@{time.time():.0f}"], timeout=dl.command)
+        self.dom0_os = DOM0_CLASSES[self.sc.dom0.os](self.dom0, timeout=dl.command)
+        self.record["backend"] = {"kind": "stock", **self.dom0_os.backend_module()}
+        self.xl = Xl(self.dom0, timeout=dl.command)
+
+    # ------------------------------------------------------------ guests
+    def start_guests(self) -> None:
+        self.stage = "guest:create"
+        assert self.dom0 is not None
+        dl = self.sc.deadlines
+        t = time.monotonic()
+        self.dom0_os.mount_boot_disk("lab-boot", "/run/lab/boot")
+        self.phases["mount_boot_disk"] = round(time.monotonic() - t, 2)
+        for g in self.guests.values():
+            rk, ri = f"/run/lab/boot/{g.cfg.name}-vmlinuz", f"/run/lab/boot/{g.cfg.name}-initrd"
+            g.root_dev = self.dom0_os.disk_by_serial(f"lab-{g.cfg.name}-root")
+            disks = [XlDisk("xvda", g.root_dev)]
+            for d in g.cfg.disks:
+                lower = self.dom0_os.disk_by_serial(f"lab-{g.cfg.name}-{d.vdev}")
+                b = self.dom0_os.make_backing(f"lab-{g.cfg.name}-{d.vdev}", lower)
+                g.backings[d.vdev] = b
+                disks.append(XlDisk(d.vdev, b.path))
+            cmd = [g.cfg.cmdline, "lab.root=/dev/xvda", f"lab.ip={g.ip}", f"lab.name={g.cfg.name}"]
+            if g.cfg.max_ring_page_order >= 0:
+                cmd.append(f"xen_blkfront.max_ring_page_order={g.cfg.max_ring_page_order}")
+            if g.cfg.max_queues >= 0:
+                cmd.append(f"xen_blkfront.max_queues={g.cfg.max_queues}")
+            cfg = render_xl_cfg(
+                name=g.cfg.name, run_id=self.results.name, kernel=rk, ramdisk=ri, cmdline=" ".join(cmd),
+                memory_mib=g.cfg.memory.mib, vcpus=g.cfg.vcpus, disks=disks,
+                mac=f"00:16:3e:00:00:{int(g.ip.rsplit('.', 1)[1]):02x}",
+            )
+            (self.results / f"xl-{g.cfg.name}.cfg").write_text(cfg)
+            path = f"/run/lab/{g.cfg.name}.cfg"
+            self.dom0.run(["sh", "-c", f"cat > {path}"], timeout=dl.command, input=cfg).check("guest:create")
+            t = time.monotonic()
+            # -p then unpause: xenconsoled is already logging when the guest's first line comes
+            self.xl.create_paused(path, timeout=dl.guest_create)
+            g.domid = self.xl.domid(g.cfg.name)
+            self.xl.unpause(g.cfg.name)
+            self.phases[f"xl_create_{g.cfg.name}"] = round(time.monotonic() - t, 2)
+        self.stage = "guest:boot"
+        for g in self.guests.values():
+            t = time.monotonic()
+            g.runner = ssh.SshRunner(
+                g.cfg.name,
+                host_key=ssh.load_pinned_key(Path(str(self.keys.host("guest")) + ".pub")),
+                client_key=paramiko.Ed25519Key.from_private_key_file(str(self.keys.client)),
+                log_=self.cmdlog, connect=ssh.via(self.dom0, g.ip),
+            )
+            try:
+                g.runner.connect(Deadline(dl.guest_ssh), stage="guest:boot")
+            except LabError as e:
+                e.tail = self._guest_console(g.cfg.name)
+                raise
+            self.phases[f"guest_ssh_{g.cfg.name}"] = round(time.monotonic() - t, 2)
+            assert g.domid is not None
+            for d in g.cfg.disks:
+                g.vbds[d.vdev] = self.xl.vbd(g.domid, d.vdev)
+        self.record["guests"] = {
+            name: {
+                "domid": g.domid, "ip": g.ip, "root_dev": g.root_dev,
+                "blkfront_params": GUEST_CLASSES[g.cfg.os](name, g.runner, timeout=dl.command).blkfront_params()
+                if g.runner else {},
+                "vbds": {v: {**dataclasses.asdict(i), "ring_capacity": i.ring_capacity,
+                             "sysfs": i.sysfs_name, "backing": dataclasses.asdict(g.backings[v])}
+                         for v, i in g.vbds.items()},
+            }
+            for name, g in self.guests.items()
+        }
+
+    def _guest_console(self, name: str, n: int = 30) -> str:
+        if not self.dom0 or not self.dom0.alive():
+            return ""
+        res = self.dom0.run(["tail", "-n", str(n), f"/var/log/xen/console/guest-{name}.log"], timeout=10)
+        return res.stdout
+
+    # ------------------------------------------------------------ workload
+    def run_workloads(self) -> None:
+        self.stage = "workload"
+        assert self.dom0 is not None
+        dl, wd = self.sc.deadlines, self.sc.watchdog
+        jobs: list[tuple[scenario.WorkloadCfg, GuestState, Track]] = []
+        for i, w in enumerate(self.sc.workloads):
+            g = self.guests[w.guest]
+            info = g.vbds[w.disk]
+            tr = Track(w.guest, w.disk, info.sysfs_name, info.ring_capacity)
+            self.tracks.append(tr)
+            jobs.append((w, g, tr))
+            job = workload.fio_job(w, GUEST_CLASSES[g.cfg.os].disk_device(None, w.disk))  # type: ignore[arg-type]
+            (self.results / f"fio-{i}.job").write_text(job)
+            assert g.runner is not None
+            g.runner.run(["sh", "-c", f"cat > /run/lab/fio-{i}.job"], timeout=dl.command, input=job).check("workload")
+        self.t_workload = time.monotonic()
+        self._start_samplers()
+        results: dict[int, object] = {}
+        threads = []
+        for i, (w, g, _tr) in enumerate(jobs):
+            def go(i: int = i, w: scenario.WorkloadCfg = w, g: GuestState = g) -> None:
+                assert g.runner is not None
+                results[i] = g.runner.run(
+                    workload.fio_argv(f"/run/lab/fio-{i}.job", f"/run/lab/fio-{i}.json"),
+                    timeout=w.runtime + dl.workload_grace,
+                )
+            th = threading.Thread(target=go, name=f"fio-{i}", daemon=True)
+            th.start()
+            threads.append(th)
+        if self.hooks.workload_started:
+            self.hooks.workload_started(self)
+        end_by = Deadline(max(w.runtime for w in self.sc.workloads) + dl.workload_grace)
+        hang = None
+        while True:
+            time.sleep(wd.interval)
+            now = time.monotonic() - self.t_workload
+            crash = self._check_crash()
+            if crash:
+                return
+            for tr in self.tracks:
+                hang = check_hang(tr, now, wd.stall_window)
+                if hang:
+                    break
+            if hang:
+                self._verdict_hang(hang.as_dict(), hang.cause)
+                return
+            if all(not th.is_alive() for th in threads):
+                break
+            if end_by.expired():
+                self.stage = "workload"
+                self._verdict_hang(None, f"workload still running {dl.workload_grace:.0f}s past its runtime")
+                return
+        self.phases["fio"] = round(time.monotonic() - self.t_workload, 2)
+        # drain
+        self.stage = "drain"
+        t_end = time.monotonic() - self.t_workload
+        drain_dl = Deadline(wd.drain_window)
+        drains = {}
+        while True:
+            drains = {tr.key: check_drain(tr, t_end) for tr in self.tracks}
+            if all(d.drained for d in drains.values()) or drain_dl.expired():
+                break
+            time.sleep(wd.interval / 2)
+        self.phases["drain"] = round(time.monotonic() - self.t_workload - t_end, 2)
+        self.record["drain"] = {k: d.as_dict() for k, d in drains.items()}
+        wl_records = []
+        errors = []
+        for i, (w, g, tr) in enumerate(jobs):
+            res = results.get(i)
+            entry = {
+                "guest": w.guest, "disk": w.disk, "tool": w.tool, "outstanding": w.iodepth * w.numjobs,
+                "ring_capacity": tr.ring_capacity,
+                "peak_inflight_guest": peak(p.inflight for p in tr.guest_pts),
+                "peak_inflight_backing": peak(p.backing_inflight for p in tr.backend_pts),
+                "longest_completion_gap_s": longest_gap(tr),
+            }
+            assert g.runner is not None
+            out = g.runner.run(["cat", f"/run/lab/fio-{i}.json"], timeout=dl.command)
+            (self.results / f"fio-{i}.json").write_text(out.stdout)
+            try:
+                io = workload.parse_fio(out.stdout)
+                entry["result"] = io.as_dict()
+                if io.errors:
+                    errors.append(f"{w.guest}/{w.disk}: fio reported {io.errors} errors")
+            except ValueError as e:
+                entry["result"] = None
+                rc = getattr(res, "rc", None)
+                errors.append(f"{w.guest}/{w.disk}: no fio result (rc {rc}: {e})")
+            if res is not None and not getattr(res, "ok", False):
+                errors.append(f"{w.guest}/{w.disk}: fio exited {getattr(res, 'rc', '?')}: "
+                              f"{getattr(res, 'stderr', '').strip()[-300:]}")
+            wl_records.append(entry)
+        self.record["workloads"] = wl_records
+        if self._check_crash():
+            return
+        not_drained = [k for k, d in drains.items() if not d.drained]
+        if errors:
+            self.record.update(verdict="FAIL", stage="workload", summary="; ".join(errors))
+        elif not_drained:
+            k = not_drained[0]
+            d = drains[k]
+            why = ("requests still in flight" if (d.guest_inflight or d.backing_inflight)
+                   else f"backend took {d.backend_taken} requests, guest completed {d.guest_completed}")
+            self.record.update(verdict="HANG", stage="drain",
+                               summary=f"{k} did not drain within {wd.drain_window:.0f}s: {why}")
+            self.record["hang"] = {"disk": k, "cause": "never drained", **d.as_dict()}
+        else:
+            moved = all(tr.guest_pts and tr.guest_pts[-1].completed > tr.guest_pts[0].completed for tr in self.tracks)
+            if not moved:
+                self.record.update(verdict="FAIL", stage="workload", summary="no I/O completed on a test disk")
+            else:
+                self.record.update(verdict="PASS", stage="done", summary="all workloads finished, progressed and drained")
+
+    def _verdict_hang(self, hang: dict | None, cause: str) -> None:
+        self.record.update(verdict="HANG", stage=self.stage)
+        self.record["hang"] = hang or {"cause": cause}
+        t = hang["last_progress_at_s"] if hang else None
+        since = f" since t={t:.0f}s of the workload" if t is not None else ""
+        self.record["summary"] = f"HANG: {cause}{since}"
+        self.phases["fio"] = round(time.monotonic() - self.t_workload, 2)
+
+    def _check_crash(self) -> bool:
+        for name, con in self.consoles.items():
+            found = console.find_crash(con.read_all())
+            if found:
+                self.record.update(verdict="CRASH", stage=self.stage,
+                                   summary=f"{found[0]} on the {name} console: {found[1]}")
+                return True
+        if self.vm and not self.vm.alive():
+            self.record.update(verdict="CRASH", stage=self.stage,
+                               summary=f"QEMU (the Xen VM) exited with rc {self.vm.proc.returncode}")
+            return True
+        return False
+
+    def _start_samplers(self) -> None:
+        assert self.dom0 is not None
+        iv = str(self.sc.watchdog.interval)
+        t0 = self.t_workload
+        dom0_paths: list[str] = []
+        for tr in self.tracks:
+            g = self.guests[tr.guest]
+            dom0_paths += self.dom0_os.stat_paths(tr.vbd, g.backings[tr.vdev])
+        per = len(dom0_paths) // max(1, len(self.tracks))
+
+        def on_dom0(t: float, values: list[str | None]) -> None:
+            for i, tr in enumerate(self.tracks):
+                st = parse_vbd_sample(values[i * per:(i + 1) * per])
+                if st is not None:
+                    with self.lock:
+                        tr.backend_pts.append(BackendPoint(t, st))
+
+        long = 24 * 3600.0  # samplers end with the run; the channel closes then
+        dom0 = self.dom0
+        self.samplers.append(Sampler("dom0", lambda: dom0.stream(["lab-sample", iv, *dom0_paths], timeout=long),
+                                     on_dom0, t0))
+        for name, g in self.guests.items():
+            mine = [tr for tr in self.tracks if tr.guest == name]
+            if not mine or g.runner is None:
+                continue
+            paths = [p for tr in mine for p in [f"/sys/block/{tr.vdev}/stat"]]
+
+            def on_guest(t: float, values: list[str | None], mine: list[Track] = mine) -> None:
+                for tr, v in zip(mine, values, strict=False):
+                    st = parse_block_stat(v)
+                    if st is not None:
+                        with self.lock:
+                            tr.guest_pts.append(GuestPoint(t, st["completed"], st["inflight"]))
+
+            runner = g.runner
+            self.samplers.append(Sampler(name, lambda r=runner, p=paths: r.stream(["lab-sample", iv, *p], timeout=long),
+                                         on_guest, t0))
+        for s in self.samplers:
+            s.start()
+
+    # ------------------------------------------------------------ evidence, report
+    def collect_evidence(self) -> None:
+        """Best effort, each item with its own short deadline; L0's evidence first,
+        because it never depends on L1 answering."""
+        ev: dict[str, str] = {}
+        edir = self.results / "evidence"
+        edir.mkdir(exist_ok=True)
+        if self.vm:
+            (edir / "qemu-state.txt").write_text(
+                f"pid {self.vm.pid} alive={self.vm.alive()} status={self.vm.status()}\n")
+            ev["qemu_state"] = "evidence/qemu-state.txt"
+        for name, con in self.consoles.items():
+            (edir / f"tail-{name}.txt").write_text(con.tail(80) + "\n")
+            ev[f"console_tail_{name}"] = f"evidence/tail-{name}.txt"
+        items: list[tuple[str, object, list[str]]] = []
+        if self.dom0 is not None and self.dom0.alive():
+            items += [
+                ("xl-list", self.dom0, ["xl", "list"]),
+                ("xl-dmesg", self.dom0, ["xl", "dmesg"]),
+                ("xenstore-backend", self.dom0, ["xenstore-ls", "-f", "/local/domain/0/backend"]),
+                ("dom0-dmesg", self.dom0, ["dmesg"]),
+                ("dom0-dmsetup", self.dom0, ["dmsetup", "info"]),
+                ("dom0-vbd-stats", self.dom0, ["sh", "-c", "grep -H . /sys/bus/xen-backend/devices/vbd-*/statistics/*"]),
+                ("dom0-blocked-tasks", self.dom0, ["sh", "-c", "echo w > /proc/sysrq-trigger; dmesg | tail -n 200"]),
+            ]
+        for name, g in self.guests.items():
+            if g.runner is not None and g.runner.alive():
+                items += [(f"{name}-dmesg", g.runner, ["dmesg"]),
+                          (f"{name}-diskstats", g.runner, ["cat", "/proc/diskstats"])]
+        for label, runner, argv in items:
+            res = runner.run(argv, timeout=10)  # type: ignore[attr-defined]
+            (edir / f"{label}.txt").write_text(res.stdout + (f"\n[rc {res.rc}] {res.stderr}" if not res.ok else ""))
+            ev[label] = f"evidence/{label}.txt"
+        self.record["evidence"] = ev
+
+    def fetch_guest_consoles(self) -> None:
+        for name in self.guests:
+            text = self._guest_console(name, n=2000) if self.dom0 else ""
+            if text:
+                path = self.results / f"console-{name}.log"
+                path.write_text(text)
+                self.consoles[name] = console.Console(path, f"guest {name}")
+
+    def _finish_record(self, t_start: float) -> None:
+        for s in self.samplers:
+            s.stop()
+        try:
+            if self.dom0 is not None and self.dom0.alive():
+                self.fetch_guest_consoles()
+            if self.record["verdict"] not in ("PASS",):
+                if self.record["verdict"] != "CRASH":
+                    self._check_crash()
+                t = time.monotonic()
+                self.collect_evidence()
+                self.phases["evidence"] = round(time.monotonic() - t, 2)
+        except Exception as e:  # evidence never changes the verdict
+            log.warning("evidence collection failed: %s", e)
+        if self.tracks:
+            n = report.write_series(self.results / "counters.csv", self.tracks)
+            self.record["series"] = {"file": "counters.csv", "rows": n,
+                                     "interval_s": self.sc.watchdog.interval,
+                                     "samplers": {s.name: {"lines": s.lines, "error": s.error} for s in self.samplers}}
+            self.record["counters"] = {tr.vbd: report.counter_summary(tr) for tr in self.tracks}
+        self.record["watchdog"] = scenario.to_dict(self.sc.watchdog)
+        self.record["exit_code"] = report.EXIT_CODES[self.record["verdict"]]
+        # the lab's own overhead: everything but L1 boot, guest boot and the workload itself
+        ph = self.phases
+        boot = self.record.get("boot", {}).get("dom0_ssh", 0)
+        guest = sum(v for k, v in ph.items() if k.startswith(("xl_create_", "guest_ssh_")))
+        wall = time.monotonic() - t_start
+        self.record["overhead_s"] = round(wall - boot - guest - ph.get("fio", 0), 2)
+        self.record["files"] = sorted(str(p.relative_to(self.results)) for p in self.results.rglob("*") if p.is_file())
+
+    # ------------------------------------------------------------ teardown
+    def run_cleanups(self) -> None:
+        while self.cleanups:
+            fn = self.cleanups.pop()
+            try:
+                fn()
+            except Exception as e:
+                log.warning("cleanup %s failed: %s", fn, e)
+
+    def teardown(self) -> None:
+        self.run_cleanups()
+        for s in self.samplers:
+            s.stop()
+        for g in self.guests.values():
+            if g.runner:
+                g.runner.close()
+        if self.dom0:
+            self.dom0.close()
+        if self.vm:
+            self.vm.stop()
+        if getattr(self, "work", None) and self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _write_owner(self) -> None:
+        owner = {"pid": os.getpid(), "qemu_pid": self.vm.pid if self.vm else None, "results": str(self.results)}
+        (self.work / "owner.json").write_text(json.dumps(owner))
+
+    def _leave_running(self) -> None:
+        """--keep: leave the failed lab up for `lab ssh`, and say how to end it."""
+        self.run_cleanups()
+        for s in self.samplers:
+            s.stop()
+        assert self.vm is not None
+        info = {
+            "qemu_pid": self.vm.pid, "ssh_port": self.vm.spec.ssh_port, "work": str(self.work),
+            "keys": str(self.keys.dir), "guests": {n: g.ip for n, g in self.guests.items()},
+        }
+        (self.results / "lab.json").write_text(json.dumps(info, indent=1) + "\n")
+        self._write_owner()
+        self.record["kept"] = info
+        self.record["teardown_hint"] = f"lab down {self.results}"

@@ -1,0 +1,221 @@
+"""The hang decision (architecture.md), as pure functions over sampled counters,
+plus the samplers that feed them.
+
+Progress is the guest's completed I/Os on its test disk advancing while I/O is in
+flight there. blkback's statistics count requests *taken* off the ring, not
+completed: they are a second signal (they freeze when the ring stalls) and tell
+which side stopped first. Drain is both in-flight counts at 0 and the backend's
+taken total equal to the guest's completed total. Slow is not hung: I/O that keeps
+completing, however slowly, never trips the stall window."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("lab.watchdog")
+
+
+@dataclass(frozen=True)
+class GuestPoint:
+    t: float  # seconds since the workload started, L0's clock at receipt
+    completed: int
+    inflight: int
+
+
+@dataclass(frozen=True)
+class BackendPoint:
+    t: float
+    stats: dict[str, int]  # VBD_STATS + backing_inflight + taken
+
+    @property
+    def taken(self) -> int:
+        return self.stats["taken"]
+
+    @property
+    def backing_inflight(self) -> int:
+        return self.stats["backing_inflight"]
+
+
+@dataclass
+class Track:
+    """Everything sampled about one guest test disk."""
+
+    guest: str
+    vdev: str
+    vbd: str  # sysfs name, vbd-<domid>-<devid>
+    ring_capacity: int
+    guest_pts: list[GuestPoint] = field(default_factory=list)
+    backend_pts: list[BackendPoint] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.guest}/{self.vdev}"
+
+
+@dataclass(frozen=True)
+class Hang:
+    disk: str
+    cause: str
+    detected_t: float
+    last_progress_t: float
+    side_stopped_first: str  # "guest", "backend", "both" or "unknown"
+    completed: int
+    inflight: int
+    backend_taken: int | None
+    backing_inflight: int | None
+
+    def as_dict(self) -> dict:
+        return {
+            "disk": self.disk, "cause": self.cause,
+            "detected_at_s": round(self.detected_t, 2),
+            "last_progress_at_s": round(self.last_progress_t, 2),
+            "detected_after_s": round(self.detected_t - self.last_progress_t, 2),
+            "side_stopped_first": self.side_stopped_first,
+            "guest_completed": self.completed, "guest_inflight": self.inflight,
+            "backend_taken": self.backend_taken, "backing_inflight": self.backing_inflight,
+        }
+
+
+def last_change(values: Iterable[tuple[float, int]], start: float = 0.0) -> float:
+    """The time of the last sample whose value differs from the one before it
+    (`start` if it never changed)."""
+    t_last, prev = start, None
+    for t, v in values:
+        if prev is not None and v != prev:
+            t_last = t
+        prev = v
+    return t_last
+
+
+def check_hang(track: Track, now: float, stall_window: float) -> Hang | None:
+    """HANG if the guest's completed count has not advanced for `stall_window`
+    while it had I/O in flight. If the guest's own view is lost (no guest sample
+    within the window), the backend decides: taken frozen for the window with
+    requests in flight on the backing device."""
+    g, b = track.guest_pts, track.backend_pts
+    t_guest = last_change(((p.t, p.completed) for p in g))
+    t_back = last_change(((p.t, p.taken) for p in b))
+    side = _first_side(t_guest, t_back, stall_window)
+    if g and now - g[-1].t < stall_window:
+        last = g[-1]
+        if last.inflight > 0 and now - t_guest >= stall_window:
+            return Hang(
+                track.key,
+                f"guest {track.guest} {track.vdev}: completed I/Os stuck at {last.completed} for "
+                f"{now - t_guest:.0f}s with {last.inflight} in flight",
+                now, t_guest, side, last.completed, last.inflight,
+                b[-1].taken if b else None, b[-1].backing_inflight if b else None,
+            )
+        return None
+    # the guest stopped answering: judge from the backend alone
+    if b and now - b[-1].t < stall_window and now - t_back >= stall_window and b[-1].backing_inflight > 0:
+        return Hang(
+            track.key,
+            f"guest {track.guest} unreachable for {now - (g[-1].t if g else 0):.0f}s; backend "
+            f"{track.vbd} took no request for {now - t_back:.0f}s with {b[-1].backing_inflight} "
+            "in flight on its backing device",
+            now, max(t_guest, t_back) if g else t_back, side,
+            g[-1].completed if g else 0, g[-1].inflight if g else 0, b[-1].taken, b[-1].backing_inflight,
+        )
+    return None
+
+
+def _first_side(t_guest: float, t_back: float, window: float) -> str:
+    """Which side stopped first: the one whose counter last moved earlier. Within
+    one sampling step of each other they stopped together."""
+    if abs(t_guest - t_back) < min(2.0, window / 4):
+        return "both"
+    return "guest" if t_guest < t_back else "backend"
+
+
+@dataclass(frozen=True)
+class Drain:
+    drained: bool
+    guest_inflight: int | None
+    backing_inflight: int | None
+    guest_completed: int | None
+    backend_taken: int | None
+
+    @property
+    def totals_match(self) -> bool:
+        return self.guest_completed is not None and self.guest_completed == self.backend_taken
+
+    def as_dict(self) -> dict:
+        return {
+            "drained": self.drained, "guest_inflight": self.guest_inflight,
+            "backing_inflight": self.backing_inflight, "guest_completed": self.guest_completed,
+            "backend_taken": self.backend_taken, "totals_match": self.totals_match,
+        }
+
+
+def check_drain(track: Track, since: float) -> Drain:
+    """Drained: the latest samples taken after `since` show nothing in flight on
+    either side and the backend took exactly as many requests as the guest
+    completed."""
+    g = [p for p in track.guest_pts if p.t >= since]
+    b = [p for p in track.backend_pts if p.t >= since]
+    if not g or not b:
+        return Drain(False, None, None, None, None)
+    lg, lb = g[-1], b[-1]
+    ok = lg.inflight == 0 and lb.backing_inflight == 0 and lg.completed == lb.taken
+    return Drain(ok, lg.inflight, lb.backing_inflight, lg.completed, lb.taken)
+
+
+def peak(values: Iterable[int]) -> int:
+    return max(values, default=0)
+
+
+def longest_gap(track: Track) -> float:
+    """The longest time between two advances of the guest's completed count while
+    I/O was in flight (what the stall window must stay well above)."""
+    gap, t_prev, prev = 0.0, None, None
+    for p in track.guest_pts:
+        if prev is None or p.completed != prev:
+            if t_prev is not None:
+                gap = max(gap, p.t - t_prev)
+            t_prev, prev = p.t, p.completed
+    return round(gap, 2)
+
+
+# ---------------------------------------------------------------- samplers
+class Sampler(threading.Thread):
+    """Runs one long-lived `lab-sample` on a machine (no process per sample) and
+    hands each parsed line to `on_sample(t, values)`, with t on L0's clock."""
+
+    def __init__(
+        self,
+        name: str,
+        stream: Callable[[], Iterable[str]],
+        on_sample: Callable[[float, list[str | None]], None],
+        t0: float,
+    ) -> None:
+        super().__init__(name=f"sampler-{name}", daemon=True)
+        self.stream = stream
+        self.on_sample = on_sample
+        self.t0 = t0
+        self.error: str | None = None
+        self.lines = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for line in self.stream():
+                if self._stop.is_set():
+                    break
+                try:
+                    values = json.loads(line)["v"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self.lines += 1
+                self.on_sample(time.monotonic() - self.t0, values)
+        except Exception as e:  # the decision sees the silence; keep the reason
+            self.error = f"{type(e).__name__}: {e}"
+            log.info("%s ended: %s", self.name, self.error)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,74 @@
+"""The default scenario on the real stack, and its negative control."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from lab import scenario
+from lab.run import Hooks, LabRun
+
+
+def test_default_scenario_passes_on_the_real_stack(results: Path) -> None:
+    """`default` shall PASS: fio ran with 4x the ring outstanding against the
+    dom0 kernel's blkback (vbd, not qdisk), counters moved, and everything drained."""
+    sc = scenario.load("default")
+    rec = LabRun(sc, results_root=results).execute()
+    assert rec["verdict"] == "PASS", json.dumps(rec, indent=1)[:4000]
+    assert rec["exit_code"] == 0
+    vbd = rec["guests"]["lin1"]["vbds"]["xvdb"]
+    assert vbd["backend_kind"] == "vbd" and vbd["backend_type"] == "phy"
+    assert vbd["ring_capacity"] == 32 and vbd["num_queues"] == 1 and vbd["ring_page_order"] == 0
+    wl = rec["workloads"][0]
+    assert wl["outstanding"] >= 4 * wl["ring_capacity"]
+    assert wl["result"]["errors"] == 0 and wl["result"]["iops"] > 0
+    counters = rec["counters"][vbd["sysfs"]]
+    assert counters["delta"]["rd_req"] > 0 and counters["delta"]["wr_req"] > 0
+    drain = rec["drain"]["lin1/xvdb"]
+    assert drain["drained"] and drain["totals_match"]
+    d = Path(rec["results_dir"])
+    for f in ("record.json", "counters.csv", "console-xen.log", "console-lin1.log", "qemu-argv.json",
+              "commands.log", "scenario.toml"):
+        assert (d / f).is_file(), f
+    # the resolved scenario is itself a valid scenario
+    assert scenario.load(d / "scenario.toml").workloads == sc.workloads
+
+
+def test_suspended_backing_device_is_a_hang(results: Path) -> None:
+    """Negative control: the test itself suspends the guest disk's dm device in
+    dom0 mid-workload. The verdict shall be HANG, decided within the stall window
+    plus one sampling interval plus an SSH round trip of the suspend."""
+    sc = scenario.load("default")
+    suspended: dict[str, float] = {}
+
+    def workload_started(run: LabRun) -> None:
+        g = run.guests["lin1"]
+        dm = g.backings["xvdb"].name
+        assert run.dom0 is not None
+
+        def suspend() -> None:
+            time.sleep(10)
+            t = time.monotonic()
+            res = run.dom0.run(["dmsetup", "suspend", "--noudevsync", dm], timeout=30)  # type: ignore[union-attr]
+            suspended["at"] = t - run.t_workload
+            suspended["returned"] = time.monotonic() - run.t_workload
+            suspended["ok"] = res.ok
+
+        run.cleanups.append(lambda: run.dom0.run(["dmsetup", "resume", "--noudevsync", dm], timeout=30))  # type: ignore[union-attr]
+        threading.Thread(target=suspend, daemon=True).start()
+
+    rec = LabRun(sc, results_root=results, hooks=Hooks(workload_started=workload_started)).execute()
+    assert suspended.get("ok"), suspended
+    assert rec["verdict"] == "HANG", json.dumps(rec, indent=1)[:4000]
+    assert rec["exit_code"] == 2
+    hang = rec["hang"]
+    assert hang["disk"] == "lin1/xvdb"
+    after_suspend = hang["detected_at_s"] - suspended["at"]
+    wd = sc.watchdog
+    # the suspend call itself takes up to ~2 s under TCG (its SSH round trip)
+    assert after_suspend <= wd.stall_window + wd.interval + (suspended["returned"] - suspended["at"]) + 2, (
+        after_suspend, suspended)
+    assert hang["guest_inflight"] > 0
+    assert rec["evidence"]["xl-list"] and (Path(rec["results_dir"]) / rec["evidence"]["xl-list"]).is_file()
