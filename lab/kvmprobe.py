@@ -72,7 +72,12 @@ def _probe(xen: Path, kernel: Path, initrd: Path) -> tuple[bool, str]:
             return False, f"TCG: QEMU with -accel kvm failed to start ({str(e).splitlines()[0]})"
         try:
             c = console.Console(spec.console_log, "probe")
-            c.wait_for(console.DOM0_KERNEL, Deadline(PROBE_SECONDS), alive=vm.alive)
+            # QEMU reports a KVM emulation failure on stderr and freezes the VM:
+            # treat that as "dead" instead of waiting out the probe's deadline.
+            def alive() -> bool:
+                return vm.alive() and "KVM internal error" not in vm.stderr_tail(50)
+
+            c.wait_for(console.DOM0_KERNEL, Deadline(PROBE_SECONDS), alive=alive)
             return True, f"KVM: the lab's Xen booted dom0 under KVM in {time.monotonic() - t:.1f}s"
         except LabError as e:
             err = vm.stderr_tail(3).replace("\n", " ")

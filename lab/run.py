@@ -29,7 +29,7 @@ from lab.guest import GUEST_CLASSES, parse_block_stat
 from lab.runner import CommandLog, LocalRunner
 from lab.timing import Deadline, wait_until
 from lab.watchdog import BackendPoint, GuestPoint, Sampler, Track, check_drain, check_hang, longest_gap, peak
-from lab.xen import VbdInfo, Xl, XlDisk, render_xl_cfg
+from lab.xen import VbdInfo, Xl, XlDisk, parse_xenstore_ls, render_xl_cfg, vbd_info
 
 log = logging.getLogger("lab.run")
 GUEST_NET = "10.99.0"  # dom0's xenbr0 is .1; guests from .10 (inside L1 only)
@@ -362,8 +362,13 @@ class LabRun:
                 raise
             self.phases[f"guest_ssh_{g.cfg.name}"] = round(time.monotonic() - t, 2)
             assert g.domid is not None
+            # every backend kind, so a qdisk would be seen (and refused) too
+            be_raw = self.xl.xenstore_raw("/local/domain/0/backend")
+            fe_raw = self.xl.xenstore_raw(f"/local/domain/{g.domid}/device/vbd")
+            (self.results / f"xenstore-{g.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+            be, fe = parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw)
             for d in g.cfg.disks:
-                g.vbds[d.vdev] = self.xl.vbd(g.domid, d.vdev)
+                g.vbds[d.vdev] = vbd_info(g.domid, d.vdev, be, fe)
         self.record["guests"] = {
             name: {
                 "domid": g.domid, "ip": g.ip, "root_dev": g.root_dev,
@@ -537,7 +542,7 @@ class LabRun:
         long = 24 * 3600.0  # samplers end with the run; the channel closes then
         dom0 = self.dom0
         self.samplers.append(Sampler("dom0", lambda: dom0.stream(["lab-sample", iv, *dom0_paths], timeout=long),
-                                     on_dom0, t0))
+                                     on_dom0, t0, raw=self.results / "samples-dom0.jsonl"))
         for name, g in self.guests.items():
             mine = [tr for tr in self.tracks if tr.guest == name]
             if not mine or g.runner is None:
@@ -553,7 +558,7 @@ class LabRun:
 
             runner = g.runner
             self.samplers.append(Sampler(name, lambda r=runner, p=paths: r.stream(["lab-sample", iv, *p], timeout=long),
-                                         on_guest, t0))
+                                         on_guest, t0, raw=self.results / f"samples-{name}.jsonl"))
         for s in self.samplers:
             s.start()
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger("lab.watchdog")
 
@@ -193,8 +194,10 @@ class Sampler(threading.Thread):
         stream: Callable[[], Iterable[str]],
         on_sample: Callable[[float, list[str | None]], None],
         t0: float,
+        raw: Path | None = None,
     ) -> None:
         super().__init__(name=f"sampler-{name}", daemon=True)
+        self.raw = raw  # every line as received, with L0's time: the series' provenance
         self.stream = stream
         self.on_sample = on_sample
         self.t0 = t0
@@ -203,10 +206,14 @@ class Sampler(threading.Thread):
         self._stop = threading.Event()
 
     def run(self) -> None:
+        rawf = open(self.raw, "a") if self.raw else None
         try:
             for line in self.stream():
                 if self._stop.is_set():
                     break
+                if rawf:
+                    rawf.write(json.dumps({"t": round(time.monotonic() - self.t0, 3), "line": line}) + "\n")
+                    rawf.flush()
                 try:
                     values = json.loads(line)["v"]
                 except (ValueError, KeyError, TypeError):
@@ -216,6 +223,9 @@ class Sampler(threading.Thread):
         except Exception as e:  # the decision sees the silence; keep the reason
             self.error = f"{type(e).__name__}: {e}"
             log.info("%s ended: %s", self.name, self.error)
+        finally:
+            if rawf:
+                rawf.close()
 
     def stop(self) -> None:
         self._stop.set()

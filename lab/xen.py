@@ -83,6 +83,8 @@ def vbd_info(domid: int, vdev: str, backend: dict[str, str], frontend: dict[str,
     devid = VDEV_DEVID[vdev]
     fe = f"/local/domain/{domid}/device/vbd/{devid}"
     kinds = [k for k in ("vbd", "qdisk", "vbd3") if f"/local/domain/0/backend/{k}/{domid}/{devid}/state" in backend]
+    if not kinds and any(f"/backend/qdisk/{domid}/{devid}/" in k for k in frontend.values()):
+        kinds = ["qdisk"]
     if kinds != ["vbd"]:
         raise LabError(
             "guest:create",
@@ -129,10 +131,11 @@ class Xl:
     def destroy(self, name: str) -> None:
         self.dom0.run(["xl", "destroy", name], timeout=self.timeout)
 
-    def xenstore(self, path: str) -> dict[str, str]:
+    def xenstore_raw(self, path: str) -> str:
         res = self.dom0.run(["xenstore-ls", "-f", path], timeout=self.timeout)
-        return parse_xenstore_ls(res.stdout) if res.ok else {}
+        return res.stdout if res.ok else ""
 
-    def vbd(self, domid: int, vdev: str) -> VbdInfo:
-        return vbd_info(domid, vdev, self.xenstore("/local/domain/0/backend"),
-                        self.xenstore(f"/local/domain/{domid}/device/vbd"))
+    def vbd_trees(self, domid: int) -> tuple[str, str]:
+        """`xenstore-ls -f` of the backend tree and of the guest's frontend vbds."""
+        return (self.xenstore_raw(f"/local/domain/0/backend/vbd/{domid}"),
+                self.xenstore_raw(f"/local/domain/{domid}/device/vbd"))
