@@ -70,6 +70,23 @@ def sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+class _SkipEvidence(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def runs_dir() -> Path:
     return images.cache_dir() / "runs"
 
@@ -117,6 +134,7 @@ class LabRun:
         self.consoles: dict[str, console.Console] = {}
         self.t_workload = 0.0
         self.lock = threading.Lock()
+        self.interrupted = False
 
     # ------------------------------------------------------------ top level
     def execute(self) -> dict:
@@ -140,9 +158,11 @@ class LabRun:
                 except LabError as e:
                     self._error(e)
                 except Interrupted as e:
+                    self.interrupted = True
                     self._error(LabError(self.stage, f"interrupted by {e}"))
                     raise
                 except KeyboardInterrupt:
+                    self.interrupted = True
                     self._error(LabError(self.stage, "interrupted (Ctrl-C)"))
                     raise
                 finally:
@@ -609,6 +629,8 @@ class LabRun:
         for s in self.samplers:
             s.stop()
         try:
+            if self.interrupted:  # the user wants out: no evidence round trips
+                raise _SkipEvidence()
             if self.dom0 is not None and self.dom0.alive():
                 self.fetch_guest_consoles()
             if self.record["verdict"] not in ("PASS",):
@@ -617,6 +639,8 @@ class LabRun:
                 t = time.monotonic()
                 self.collect_evidence()
                 self.phases["evidence"] = round(time.monotonic() - t, 2)
+        except _SkipEvidence:
+            pass
         except Exception as e:  # evidence never changes the verdict
             log.warning("evidence collection failed: %s", e)
         if self.tracks:
@@ -645,6 +669,11 @@ class LabRun:
                 log.warning("cleanup %s failed: %s", fn, e)
 
     def teardown(self) -> None:
+        # a second Ctrl-C must not cut teardown short and leak QEMU or overlays
+        with _signals_deferred():
+            self._teardown()
+
+    def _teardown(self) -> None:
         self.run_cleanups()
         for s in self.samplers:
             s.stop()

@@ -172,11 +172,15 @@ def peak(values: Iterable[int]) -> int:
 
 
 def longest_gap(track: Track) -> float:
-    """The longest time between two advances of the guest's completed count while
-    I/O was in flight (what the stall window must stay well above)."""
+    """The longest time between two advances of the guest's completed count once
+    I/O had begun (what the stall window must stay well above). The workload's
+    start-up, before the first advance, is not a completion gap."""
     gap, t_prev, prev = 0.0, None, None
     for p in track.guest_pts:
-        if prev is None or p.completed != prev:
+        if prev is None:
+            prev = p.completed
+            continue
+        if p.completed != prev:
             if t_prev is not None:
                 gap = max(gap, p.t - t_prev)
             t_prev, prev = p.t, p.completed
