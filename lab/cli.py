@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="override the scenario's accelerator")
     r.add_argument("--results", type=Path, default=Path("results"), help="results root (default ./results)")
     r.add_argument("--keep", action="store_true", help="leave a failed lab running for `lab ssh`")
+    r.add_argument("--cold", action="store_true", help="boot L1 cold even if a saved state matches")
+
+    st = sub.add_parser("states", help="list or delete saved L1 states (warm start)")
+    stsub = st.add_subparsers(dest="states_cmd", required=True, parser_class=_Parser)
+    stsub.add_parser("list", help="list saved states, their keys and sizes")
+    rm = stsub.add_parser("rm", help="delete saved states")
+    rm.add_argument("keys", nargs="*")
+    rm.add_argument("--all", action="store_true")
 
     i = sub.add_parser("images", help="build or list the cached base images")
     isub = i.add_subparsers(dest="images_cmd", required=True, parser_class=_Parser)
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     # paramiko logs each refused channel while a guest boots; those are expected retries
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     try:
-        return {"run": cmd_run, "images": cmd_images, "list": cmd_list, "ssh": cmd_ssh, "down": cmd_down}[
+        return {"run": cmd_run, "images": cmd_images, "states": cmd_states, "list": cmd_list, "ssh": cmd_ssh, "down": cmd_down}[
             args.cmd](args)
     except (ScenarioError, LabError) as e:
         print(f"lab: ERROR: {e}", file=sys.stderr)
@@ -72,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lab.run import LabRun
 
     sc = scenario.load(args.scenario)
-    run = LabRun(sc, results_root=args.results, accel=args.accel, keep=args.keep)
+    run = LabRun(sc, results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold)
     try:
         rec = run.execute()
     except (KeyboardInterrupt, Interrupted):
@@ -100,6 +108,27 @@ def cmd_images(args: argparse.Namespace) -> int:
         size = sum(f.stat().st_size for f in d.iterdir())
         current = any(images.image_path(n)[1] == d for n in names)
         print(f"{d.name:40} {size / 2**20:8.0f} MiB  {'current' if current else 'stale'}")
+    return 0
+
+
+def cmd_states(args: argparse.Namespace) -> int:
+    from lab import l1state
+
+    states = l1state.list_states()
+    if args.states_cmd == "list":
+        if not states:
+            print("no saved L1 states")
+        for st in states:
+            import time as _t
+
+            when = _t.strftime("%Y-%m-%d %H:%M", _t.localtime(st["created"] or 0))
+            print(f"{st['key']}  {st['bytes'] / 2**20:7.0f} MiB  saved {when}  {st['dir']}")
+        return 0
+    keys = [st["key"] for st in states] if args.all else args.keys
+    if not keys:
+        raise LabError("states", "name the keys to delete, or --all")
+    for k in keys:
+        print(f"{k}: {'deleted' if l1state.remove(k) else 'no such state'}")
     return 0
 
 

@@ -76,7 +76,10 @@ class LinuxDom0:
         """The read-only disk with the guests' kernels (cheaper than copying them
         over SSH, whose crypto runs emulated in dom0)."""
         dev = self.disk_by_serial(serial)
-        self.sh(f"mkdir -p {where} && mount -t ext4 -o ro,noload {dev} {where}", stage="guest:create")
+        # --flushbufs: after a restore, dom0's buffer cache may hold blocks of the
+        # boot disk of the run that saved the state; this run's disk differs.
+        self.sh(f"blockdev --flushbufs {dev} && mkdir -p {where} && mount -t ext4 -o ro,noload {dev} {where}",
+                stage="guest:create")
 
 
 # One line per fact, key=value; a missing fact prints an empty value.
@@ -86,8 +89,7 @@ echo "kernel=$(uname -r)"
 echo "module_path=$(modinfo -n $m 2>/dev/null)"
 echo "srcversion=$(modinfo -F srcversion $m 2>/dev/null)"
 echo "vermagic=$(modinfo -F vermagic $m 2>/dev/null)"
-echo "build_id=$(od -An -tx1 -v /sys/module/$m/notes/.note.gnu.build-id 2>/dev/null | tr -d ' 
-' | cut -c33-)"
+echo "build_id=$(od -An -tx1 -v /sys/module/$m/notes/.note.gnu.build-id 2>/dev/null | tr -d ' \n' | cut -c33-)"
 echo "taint=$(cat /sys/module/$m/taint 2>/dev/null)"
 for p in /sys/module/$m/parameters/*; do echo "param.${p##*/}=$(cat $p)"; done
 """

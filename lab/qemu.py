@@ -254,8 +254,8 @@ class Vm:
 def start(spec: VmSpec, stderr_path: Path) -> Vm:
     argv = build_argv(spec)
     vm = Vm(spec, argv, stderr_path)
-    # QEMU fails within a second on a bad argument or a taken port; say so now.
-    deadline = time.monotonic() + 1.5
+    # QEMU fails at once on a bad argument or a taken port; say so now.
+    deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline and vm.alive():
         time.sleep(0.1)
     if not vm.alive():

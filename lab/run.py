@@ -22,12 +22,12 @@ from pathlib import Path
 
 import paramiko
 
-from lab import console, images, qemu, report, scenario, ssh, workload
+from lab import console, images, l1state, qemu, report, scenario, ssh, workload
 from lab.dom0 import DOM0_CLASSES, Backing, parse_vbd_sample
 from lab.errors import Interrupted, LabError
 from lab.guest import GUEST_CLASSES, parse_block_stat
 from lab.runner import CommandLog, LocalRunner
-from lab.timing import Deadline, wait_until
+from lab.timing import Deadline
 from lab.watchdog import BackendPoint, GuestPoint, Sampler, Track, check_drain, check_hang, longest_gap, peak
 from lab.xen import VbdInfo, Xl, XlDisk, parse_xenstore_ls, render_xl_cfg, vbd_info
 
@@ -115,8 +115,11 @@ class LabRun:
         results_root: Path,
         accel: str | None = None,
         keep: bool = False,
+        cold: bool = False,
         hooks: Hooks | None = None,
     ) -> None:
+        self.cold = cold  # never restore a saved L1 (a new state is still saved if none exists)
+        self.pending_state: l1state.State | None = None
         self.sc = sc
         self.results_root = results_root
         self.accel_override = accel
@@ -167,6 +170,7 @@ class LabRun:
                     raise
                 finally:
                     self._finish_record(t_start)
+                    self._settle_state()
                     keep = self.keep and self.record["verdict"] != "PASS" and self.vm and self.vm.alive()
                     if keep:
                         self._leave_running()
@@ -194,6 +198,18 @@ class LabRun:
             fn()
         finally:
             self.phases[name] = round(time.monotonic() - t, 2)
+
+    def _settle_state(self) -> None:
+        """Keep a state saved during this run only if the run reached a decision."""
+        if self.pending_state is None:
+            return
+        verdict = "ERROR" if self.interrupted else self.record["verdict"]
+        kept = l1state.promote(self.pending_state, verdict)
+        self.pending_state = None
+        l1 = self.record.setdefault("l1", {})
+        l1["state_kept"] = kept is not None
+        if kept is None:
+            l1.pop("saved_state", None)
 
     def _error(self, e: LabError) -> None:
         log.error("%s", e)
@@ -247,7 +263,11 @@ class LabRun:
                 shutil.copyfile(src, stage / dst)
                 total += src.stat().st_size
         img = self.work / "boot.img"
-        size_mib = 8 + int(total * 1.3) // 2**20
+        # A fixed size: a restored dom0 has this disk's capacity cached from its boot.
+        size_mib = 128
+        if total * 1.2 > size_mib * 2**20:
+            raise LabError("image", f"the guests' kernels and initrds ({total >> 20} MiB) do not fit the "
+                           f"{size_mib} MiB boot disk")
         self.l0.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", str(stage), str(img), f"{size_mib}M"],
                     timeout=60).check("image")
         shutil.rmtree(stage)
@@ -262,49 +282,110 @@ class LabRun:
         ok, why = kvmprobe.kvm_works(self.xen_bin, self.dom0_kernel, self.dom0_initrd)
         return ("kvm" if ok else "tcg"), why
 
-    def boot_l1(self) -> None:
-        self.stage = "boot:qemu"
-        accel, why = self.choose_accel()
-        self.record.update(accel=accel, accel_reason=why)
-        root = self.work / "dom0-root.qcow2"
-        qemu.create_overlay(self.dom0_img.root, root)
-        drives = [qemu.Drive(root, "lab-dom0-root")]
+    def _slots(self) -> list[l1state.Slot]:
+        slots = [l1state.Slot("dom0-root", "lab-dom0-root", base=self.dom0_img.root)]
         for i, g in enumerate(self.sc.guests):
-            groot = self.work / f"{g.name}-root.qcow2"
-            qemu.create_overlay(self.guest_img.root, groot)
-            drives.append(qemu.Drive(groot, f"lab-{g.name}-root"))
+            slots.append(l1state.Slot(f"{g.name}-root", f"lab-{g.name}-root", base=self.guest_img.root))
             for d in g.disks:
-                disk = self.work / f"{g.name}-{d.vdev}.qcow2"
-                qemu.create_disk(disk, d.size)
-                drives.append(qemu.Drive(disk, f"lab-{g.name}-{d.vdev}"))
+                slots.append(l1state.Slot(f"{g.name}-{d.vdev}", f"lab-{g.name}-{d.vdev}", size=d.size))
             self.guests[g.name] = GuestState(g, f"{GUEST_NET}.{10 + i}")
-        drives.append(qemu.Drive(self._boot_disk(), "lab-boot", fmt="raw", readonly=True))
+        return slots
+
+    def _spec(self, accel: str, disks: list[Path], slots: list[l1state.Slot], boot_disk: Path,
+              extra: list[str] | None = None) -> qemu.VmSpec:
         mem = self.sc.dom0.memory.mib
-        xen_cmdline = f"{self.sc.xen.cmdline} dom0_mem={mem}M,max:{mem}M"
-        serial = self.results / "console-xen.log"
-        self.consoles["xen"] = console.Console(serial, "Xen serial")
+        drives = [qemu.Drive(p, s.serial) for p, s in zip(disks, slots, strict=True)]
+        drives.append(qemu.Drive(boot_disk, "lab-boot", fmt="raw", readonly=True))
+        return qemu.VmSpec(
+            accel=accel, cpus=self.sc.lab.cpus, memory_mib=self.sc.lab.memory.mib,
+            cpu_model=self.sc.lab.cpu_model, xen=self.xen_bin,
+            xen_cmdline=f"{self.sc.xen.cmdline} dom0_mem={mem}M,max:{mem}M",
+            modules=[(self.dom0_kernel, f"{self.sc.dom0.cmdline} lab.root=/dev/vda"), (self.dom0_initrd, "")],
+            drives=drives, ssh_port=qemu.free_port(), console_log=self.results / "console-xen.log",
+            qmp_sock=self.work / "qmp.sock", extra=extra or [],
+        )
+
+    def _start_qemu(self, spec: qemu.VmSpec) -> qemu.VmSpec:
         for attempt in (1, 2):  # the port may be taken between choosing and binding it
-            spec = qemu.VmSpec(
-                accel=accel, cpus=self.sc.lab.cpus, memory_mib=self.sc.lab.memory.mib,
-                cpu_model=self.sc.lab.cpu_model, xen=self.xen_bin, xen_cmdline=xen_cmdline,
-                modules=[(self.dom0_kernel, f"{self.sc.dom0.cmdline} lab.root=/dev/vda"), (self.dom0_initrd, "")],
-                drives=drives, ssh_port=qemu.free_port(), console_log=serial, qmp_sock=self.work / "qmp.sock",
-            )
-            argv = qemu.build_argv(spec)
-            (self.results / "qemu-argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+            (self.results / "qemu-argv.json").write_text(json.dumps(qemu.build_argv(spec), indent=1) + "\n")
             try:
-                t_qemu = time.monotonic()
                 self.vm = qemu.start(spec, self.results / "qemu-stderr.log")
                 break
             except LabError as e:
                 if attempt == 2 or "hostfwd" not in e.tail:
                     raise
+                spec = dataclasses.replace(spec, ssh_port=qemu.free_port())
         assert self.vm is not None
         self._write_owner()
         self.record["qemu"] = {"pid": self.vm.pid, "version": qemu.qemu_version(), "ssh_port": spec.ssh_port}
+        return spec
+
+    def boot_l1(self) -> None:
+        """Restore a saved L1 whose key matches, else boot cold (and save one)."""
+        self.stage = "boot:qemu"
+        accel, why = self.choose_accel()
+        self.record.update(accel=accel, accel_reason=why)
+        slots = self._slots()
+        boot_disk = self._boot_disk()
+        self.consoles["xen"] = console.Console(self.results / "console-xen.log", "Xen serial")
+        probe = self._spec(accel, [Path(s.name) for s in slots], slots, boot_disk)
+        inputs = l1state.key_inputs(probe, slots)
+        key = l1state.state_key(inputs)
+        l1: dict = {"key": key}
+        self.record["l1"] = l1
+        state = None if self.cold else l1state.find(key)
+        if state is not None:
+            try:
+                self._restore(accel, state, slots, boot_disk, l1)
+                return
+            except LabError as e:
+                # never a PASS of a run that did not happen as described: say so,
+                # drop the state that failed, boot cold and save a new one
+                log.warning("restore of L1 state %s failed, booting cold: %s", key, e)
+                l1["restore_failed"] = str(e)
+                if self.vm:
+                    self.vm.stop()
+                    self.vm = None
+                if self.dom0:
+                    self.dom0.close()
+                    self.dom0 = None
+                for s in slots:
+                    (self.work / f"{s.name}.qcow2").unlink(missing_ok=True)
+                l1state.remove(key)
+                self.consoles["xen"].path.unlink(missing_ok=True)
+        self._cold_boot(accel, slots, boot_disk, l1, inputs)
+
+    def _restore(self, accel: str, state: l1state.State, slots: list[l1state.Slot], boot_disk: Path,
+                 l1: dict) -> None:
+        self.stage = "boot:restore"
+        t0 = time.monotonic()
+        disks = l1state.restore_overlays(state, slots, self.work)
+        spec = self._start_qemu(self._spec(accel, disks, slots, boot_disk,
+                                           extra=["-incoming", f"exec:cat {state.file}"]))
+        assert self.vm is not None
+        l1.update(start="restored", state=str(state.dir))
+        l1["load_s"] = round(l1state.wait_restored(self.vm, timeout=120), 2)
+        shutil.copyfile(state.dir / "console-boot.log", self.results / "console-xen-boot.log")
+        self._connect_dom0(spec, Deadline(60), stage="boot:restore")
+        l1["dom0_ready_s"] = round(time.monotonic() - t0, 2)
+        self.record["boot"] = {"restore_load": l1["load_s"], "dom0_ssh": l1["dom0_ready_s"]}
+        self._after_boot()
+
+    def _cold_boot(self, accel: str, slots: list[l1state.Slot], boot_disk: Path, l1: dict, inputs: dict) -> None:
+        saving = l1state.find(l1["key"]) is None
+        if saving:
+            self.pending_state = l1state.begin(l1["key"])
+            disks = l1state.create_disks(self.pending_state, slots)
+        else:
+            disks = l1state.create_disks(self.work, slots)
+        t_qemu = time.monotonic()
+        spec = self._start_qemu(self._spec(accel, disks, slots, boot_disk))
+        assert self.vm is not None
+        l1.update(start="cold")
         con = self.consoles["xen"]
         dl = self.sc.deadlines
         boot: dict[str, float] = {}
+        self.record["boot"] = boot
         con.wait_for(console.XEN_BANNER, Deadline(dl.xen_banner), alive=self.vm.alive)
         boot["xen_banner"] = round(time.monotonic() - t_qemu, 2)
         con.wait_for(console.DOM0_KERNEL, Deadline(dl.dom0_kernel), alive=self.vm.alive)
@@ -312,7 +393,20 @@ class LabRun:
         self.stage = "boot:dom0"
         con.wait_for(console.DOM0_INIT, Deadline(dl.dom0_ssh), alive=self.vm.alive)
         boot["dom0_init"] = round(time.monotonic() - t_qemu, 2)
-        self.stage = "boot:ssh"
+        if saving and self.pending_state is not None:
+            # dom0 is up, no SSH session has ever been opened, no domU exists
+            self.stage = "boot:save"
+            shutil.copyfile(con.path, self.pending_state.dir / "console-boot.log")
+            l1["save_paused_s"] = round(
+                l1state.save(self.vm, self.pending_state, slots, self.work, inputs=inputs), 2)
+            l1["saved_state"] = str(l1state.states_dir() / l1["key"])
+        self._connect_dom0(spec, Deadline(dl.dom0_ssh), stage="boot:ssh")
+        boot["dom0_ssh"] = round(time.monotonic() - t_qemu, 2)
+        l1["dom0_ready_s"] = boot["dom0_ssh"]
+        self._after_boot()
+
+    def _connect_dom0(self, spec: qemu.VmSpec, deadline: Deadline, *, stage: str) -> None:
+        self.stage = stage
         self.dom0 = ssh.SshRunner(
             "dom0",
             host_key=ssh.load_pinned_key(Path(str(self.keys.host("dom0")) + ".pub")),
@@ -320,10 +414,11 @@ class LabRun:
             log_=self.cmdlog,
             connect=ssh.tcp_connect(spec.ssh_port),
         )
-        self.dom0.connect(Deadline(dl.dom0_ssh), stage="boot:ssh")
-        boot["dom0_ssh"] = round(time.monotonic() - t_qemu, 2)
-        self.record["boot"] = boot
-        self.record["l1"] = {"start": "cold", "dom0_ready_s": boot["dom0_ssh"]}
+        self.dom0.connect(deadline, stage=stage)
+
+    def _after_boot(self) -> None:
+        assert self.dom0 is not None
+        dl = self.sc.deadlines
         # the wall clock of a VM is whatever it booted with; make dom0 agree with L0
         self.dom0.run(["date", "-u", "-s", f"@{time.time():.0f}"], timeout=dl.command)
         self.dom0_os = DOM0_CLASSES[self.sc.dom0.os](self.dom0, timeout=dl.command)

@@ -362,7 +362,11 @@ def to_toml(obj: Any) -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        # a TOML basic string cannot hold control characters (a multi-line
+        # description's newlines) raw; tab is the one allowed
+        text = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", text)
+        return '"' + text + '"'
 
     def is_table_list(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)

@@ -169,9 +169,7 @@ class SshRunner:
             while not deadline.expired():
                 try:
                     chunk = chan.recv(65536)
-                except TimeoutError:
-                    continue
-                except socket.timeout:
+                except TimeoutError:  # socket.timeout: nothing new this second
                     continue
                 if not chunk:
                     break

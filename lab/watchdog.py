@@ -99,16 +99,19 @@ def check_hang(track: Track, now: float, stall_window: float) -> Hang | None:
     within the window), the backend decides: taken frozen for the window with
     requests in flight on the backing device."""
     g, b = track.guest_pts, track.backend_pts
-    t_guest = last_change(((p.t, p.completed) for p in g))
-    t_back = last_change(((p.t, p.taken) for p in b))
+    t_guest = last_change((p.t, p.completed) for p in g)
+    # the stall clock runs while I/O is in flight: from the first sample since the
+    # last progress that shows some (idle time before the I/O is not a stall)
+    t_stall = next((p.t for p in g if p.t >= t_guest and p.inflight > 0), t_guest)
+    t_back = last_change((p.t, p.taken) for p in b)
     side = _first_side(t_guest, t_back, stall_window)
     if g and now - g[-1].t < stall_window:
         last = g[-1]
-        if last.inflight > 0 and now - t_guest >= stall_window:
+        if last.inflight > 0 and now - t_stall >= stall_window:
             return Hang(
                 track.key,
                 f"guest {track.guest} {track.vdev}: completed I/Os stuck at {last.completed} for "
-                f"{now - t_guest:.0f}s with {last.inflight} in flight",
+                f"{now - t_stall:.0f}s with {last.inflight} in flight",
                 now, t_guest, side, last.completed, last.inflight,
                 b[-1].taken if b else None, b[-1].backing_inflight if b else None,
             )
@@ -207,13 +210,14 @@ class Sampler(threading.Thread):
         self.t0 = t0
         self.error: str | None = None
         self.lines = 0
-        self._stop = threading.Event()
+        # not `_stop`: that name is threading.Thread's own method (join, is_alive)
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
         rawf = open(self.raw, "a") if self.raw else None
         try:
             for line in self.stream():
-                if self._stop.is_set():
+                if self._stop_event.is_set():
                     break
                 if rawf:
                     rawf.write(json.dumps({"t": round(time.monotonic() - self.t0, 3), "line": line}) + "\n")
@@ -232,4 +236,4 @@ class Sampler(threading.Thread):
                 rawf.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()

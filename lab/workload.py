@@ -84,8 +84,12 @@ def parse_fio(text: str) -> IoResult:
     runtime = 0.0
     for j in jobs:
         errors += int(j.get("error", 0))
+        # with group_reporting, job_runtime is the sum over the numjobs jobs; each
+        # direction's runtime is the group's longest, i.e. the wall runtime
+        side_runtime = 0.0
         for side, acc in (("read", rd), ("write", wr), ("trim", wr)):
             s = j.get(side, {})
+            side_runtime = max(side_runtime, float(s.get("runtime", 0)) / 1000)
             acc["iops"] += float(s.get("iops", 0))
             acc["bw"] += float(s.get("bw", 0))
             acc["io"] += int(s.get("total_ios", 0))
@@ -94,7 +98,7 @@ def parse_fio(text: str) -> IoResult:
                 p99 = max(p99, _pct(s, "99.000000"))
                 p999 = max(p999, _pct(s, "99.900000"))
                 mx = max(mx, round(s.get("clat_ns", {}).get("max", 0) / 1e6, 3))
-        runtime = max(runtime, float(j.get("job_runtime", 0)) / 1000)
+        runtime = max(runtime, side_runtime or float(j.get("job_runtime", 0)) / 1000)
     return IoResult(
         tool="fio", read_iops=round(rd["iops"], 1), write_iops=round(wr["iops"], 1),
         read_bw_kib=round(rd["bw"], 1), write_bw_kib=round(wr["bw"], 1),

@@ -83,7 +83,8 @@ def vbd_info(domid: int, vdev: str, backend: dict[str, str], frontend: dict[str,
     devid = VDEV_DEVID[vdev]
     fe = f"/local/domain/{domid}/device/vbd/{devid}"
     kinds = [k for k in ("vbd", "qdisk", "vbd3") if f"/local/domain/0/backend/{k}/{domid}/{devid}/state" in backend]
-    if not kinds and any(f"/backend/qdisk/{domid}/{devid}/" in k for k in frontend.values()):
+    # the frontend's `backend` node has no trailing slash: add one before matching
+    if not kinds and any(f"/backend/qdisk/{domid}/{devid}/" in v + "/" for v in frontend.values()):
         kinds = ["qdisk"]
     if kinds != ["vbd"]:
         raise LabError(

@@ -11,11 +11,7 @@ from lab import scenario
 from lab.run import Hooks, LabRun
 
 
-def test_default_scenario_passes_on_the_real_stack(results: Path) -> None:
-    """`default` shall PASS: fio ran with 4x the ring outstanding against the
-    dom0 kernel's blkback (vbd, not qdisk), counters moved, and everything drained."""
-    sc = scenario.load("default")
-    rec = LabRun(sc, results_root=results).execute()
+def _check_default_pass(rec: dict, sc: scenario.Scenario) -> None:
     assert rec["verdict"] == "PASS", json.dumps(rec, indent=1)[:4000]
     assert rec["exit_code"] == 0
     vbd = rec["guests"]["lin1"]["vbds"]["xvdb"]
@@ -36,10 +32,33 @@ def test_default_scenario_passes_on_the_real_stack(results: Path) -> None:
     assert scenario.load(d / "scenario.toml").workloads == sc.workloads
 
 
+def test_default_scenario_passes_on_a_cold_booted_l1(results: Path) -> None:
+    """`default` shall PASS on a cold-booted L1: fio ran with 4x the ring
+    outstanding against the dom0 kernel's blkback (vbd, not qdisk), counters
+    moved, and everything drained. A cold boot saves an L1 state if none matches."""
+    sc = scenario.load("default")
+    rec = LabRun(sc, results_root=results, cold=True).execute()
+    _check_default_pass(rec, sc)
+    assert rec["l1"]["start"] == "cold"
+    assert rec["boot"]["xen_banner"] < rec["boot"]["dom0_kernel"] < rec["boot"]["dom0_ssh"]
+
+
+def test_default_scenario_passes_on_a_restored_l1(results: Path) -> None:
+    """The same scenario shall PASS on an L1 restored from the saved state (the
+    record must say `restored`: a silent fallback to a cold boot fails this)."""
+    sc = scenario.load("default")
+    rec = LabRun(sc, results_root=results).execute()
+    _check_default_pass(rec, sc)
+    assert rec["l1"]["start"] == "restored", rec["l1"]
+    assert "restore_failed" not in rec["l1"]
+    assert rec["l1"]["dom0_ready_s"] < 15
+
+
 def test_suspended_backing_device_is_a_hang(results: Path) -> None:
-    """Negative control: the test itself suspends the guest disk's dm device in
-    dom0 mid-workload. The verdict shall be HANG, decided within the stall window
-    plus one sampling interval plus an SSH round trip of the suspend."""
+    """Negative control, on a restored L1: the test itself suspends the guest
+    disk's dm device in dom0 mid-workload. The verdict shall be HANG, decided
+    within the stall window plus one sampling interval plus an SSH round trip of
+    the suspend."""
     sc = scenario.load("default")
     suspended: dict[str, float] = {}
 
@@ -71,4 +90,5 @@ def test_suspended_backing_device_is_a_hang(results: Path) -> None:
     assert after_suspend <= wd.stall_window + wd.interval + (suspended["returned"] - suspended["at"]) + 2, (
         after_suspend, suspended)
     assert hang["guest_inflight"] > 0
+    assert rec["l1"]["start"] == "restored", rec["l1"]
     assert rec["evidence"]["xl-list"] and (Path(rec["results_dir"]) / rec["evidence"]["xl-list"]).is_file()

@@ -18,7 +18,7 @@ from lab import images
 
 def _interrupt_mid_workload(results: Path, sig: int) -> None:
     env = {**os.environ}
-    root = results / f"interrupt-{sig}"
+    root = results / f"interrupt-{sig}-{time.time_ns()}"  # a fresh root: `latest` must be this run
     proc = subprocess.Popen(
         [sys.executable, "-m", "lab.cli", "run", "default", "--results", str(root)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,

@@ -1,0 +1,249 @@
+"""Warm start: save a freshly booted Xen VM (L1) once, restore it for later runs.
+
+Under TCG a cold boot to dom0 SSH costs about 28 s, a restore about 3 s
+(facts/l1-snapshot.md). A saved state is only valid for exactly the QEMU build,
+command line, kernels, images and disk layout it was taken with, so its key
+hashes all of them; any change means a cold boot and a new state.
+
+Disks: the cold boot's writable disks are created inside the state's directory.
+At the save point (dom0 ready, no SSH session, no domU) QEMU is stopped, every
+writable disk is switched to a new per-run overlay (blockdev-snapshot-sync), and
+the RAM and device state go to a file. From then on the state's disks are never
+written: the cold run writes its overlays, and every restore gets fresh overlays
+on top of the frozen disks.
+
+A state is built under `.NAME.building-PID` and renamed only when the run that
+took it reached a decision (PASS, FAIL or HANG): an interrupted save, a failed
+boot or a run the lab could not finish never leaves a state a later run loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab import images, qemu
+from lab.errors import LabError
+from lab.timing import Deadline, wait_until
+
+log = logging.getLogger("lab.l1state")
+STATE_FORMAT = "1"  # bump when the layout of a state directory changes
+PROMOTE_ON = ("PASS", "FAIL", "HANG")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One writable disk of L1: an overlay on a base image, or a fresh empty disk."""
+
+    name: str  # file stem
+    serial: str
+    base: Path | None = None
+    size: int = 0
+
+
+def states_dir() -> Path:
+    return images.cache_dir() / "l1-states"
+
+
+def _file_id(p: Path) -> str:
+    """Content hash of a kernel/initrd/Xen, memoised on (path, size, mtime)."""
+    st = p.stat()
+    memo = images.cache_dir() / "hash-memo.json"
+    k = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if k not in known:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        known[k] = h.hexdigest()
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(memo)
+    return known[k]
+
+
+def key_inputs(spec: qemu.VmSpec, slots: list[Slot]) -> dict:
+    """Everything that must match for a state to load and be correct."""
+    canon = dataclasses.replace(
+        spec,
+        drives=[dataclasses.replace(d, path=Path(f"<{d.serial}>")) for d in spec.drives],
+        ssh_port=0, console_log=Path("<console>"), qmp_sock=Path("<qmp>"),
+        modules=[(Path(f"<module{i}>"), args) for i, (_, args) in enumerate(spec.modules)],
+        xen=Path("<xen>"), extra=[],
+    )
+    qbin = shutil.which(qemu.QEMU) or qemu.QEMU
+    return {
+        "format": STATE_FORMAT,
+        "qemu_version": qemu.qemu_version(),
+        "qemu_binary": _file_id(Path(qbin)),
+        "argv": qemu.build_argv(canon),
+        "xen": _file_id(spec.xen),
+        "modules": [_file_id(p) for p, _ in spec.modules],
+        "slots": [
+            {"serial": s.serial, "size": s.size,
+             "base": None if s.base is None else
+             f"{s.base.parent.name}/{s.base.name}|{s.base.stat().st_size}|{s.base.stat().st_mtime_ns}"}
+            for s in slots
+        ],
+    }
+
+
+def state_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class State:
+    key: str
+    dir: Path
+
+    @property
+    def file(self) -> Path:
+        return self.dir / "l1.state"
+
+    def disk(self, slot: Slot) -> Path:
+        return self.dir / f"{slot.name}.qcow2"
+
+    def meta(self) -> dict:
+        return json.loads((self.dir / "meta.json").read_text())
+
+
+def find(key: str) -> State | None:
+    d = states_dir() / key
+    if (d / "meta.json").exists() and (d / "l1.state").exists():
+        return State(key, d)
+    return None
+
+
+def begin(key: str) -> State:
+    """A directory to build a new state in (renamed into place by `promote`)."""
+    root = states_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    for d in root.glob(".*.building-*"):  # left by a run killed hard
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+    d = root / f".{key}.building-{os.getpid()}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    return State(key, d)
+
+
+def create_disks(where: State | Path, slots: list[Slot]) -> list[Path]:
+    """Cold boot: the writable disks themselves (in the state being built, or in
+    the run's work directory when no state is taken)."""
+    out = []
+    for s in slots:
+        p = where.disk(s) if isinstance(where, State) else where / f"{s.name}.qcow2"
+        if s.base is not None:
+            qemu.create_overlay(s.base, p)
+        else:
+            qemu.create_disk(p, s.size)
+        out.append(p)
+    return out
+
+
+def restore_overlays(state: State, slots: list[Slot], work: Path) -> list[Path]:
+    out = []
+    for s in slots:
+        p = work / f"{s.name}.qcow2"
+        qemu.create_overlay(state.disk(s), p, base_fmt="qcow2")
+        out.append(p)
+    return out
+
+
+def save(vm: qemu.Vm, state: State, slots: list[Slot], work: Path, *, inputs: dict, timeout: float = 120) -> float:
+    """Stop the VM, move its writable disks onto per-run overlays, write its RAM
+    and device state, let it run on. Returns the seconds the VM was stopped."""
+    t = time.monotonic()
+    vm.qmp("stop")
+    try:
+        for i, s in enumerate(slots):
+            vm.qmp("blockdev-snapshot-sync", device=f"d{i}",
+                   **{"snapshot-file": str(work / f"{s.name}.qcow2"), "format": "qcow2"})
+        vm.qmp("migrate", uri=f"exec:cat > {state.file}")
+
+        def done() -> bool | None:
+            st = vm.qmp("query-migrate")
+            status = st.get("status") if isinstance(st, dict) else None
+            if status == "failed":
+                raise LabError("boot:save", f"saving the L1 state failed: {st}")
+            return status == "completed" or None
+
+        wait_until(done, Deadline(timeout), stage="boot:save", what="the L1 state to be written", interval=0.1)
+    finally:
+        vm.qmp("cont")
+    for s in slots:
+        state.disk(s).chmod(0o444)
+    state.file.chmod(0o444)
+    (state.dir / "meta.json").write_text(json.dumps({
+        "key": state.key, "created": time.time(), "inputs": inputs,
+        "slots": [dataclasses.asdict(s) | {"base": str(s.base) if s.base else None} for s in slots],
+    }, indent=1, default=str))
+    return time.monotonic() - t
+
+
+def promote(state: State, verdict: str) -> State | None:
+    """Keep the state only if the run that took it reached a decision."""
+    if verdict not in PROMOTE_ON:
+        shutil.rmtree(state.dir, ignore_errors=True)
+        return None
+    final = states_dir() / state.key
+    if final.exists():  # another run saved the same key first
+        shutil.rmtree(state.dir, ignore_errors=True)
+        return State(state.key, final)
+    state.dir.rename(final)
+    return State(state.key, final)
+
+
+def wait_restored(vm: qemu.Vm, timeout: float) -> float:
+    """After `-incoming`: wait for the migration to land (the VM comes up paused,
+    as it was saved), then `cont`. SSH must not be tried before this: QEMU's user
+    network would queue the SYNs and dom0's sshd saw a SYN flood (facts)."""
+    t = time.monotonic()
+
+    def landed() -> bool | None:
+        if not vm.alive():
+            raise LabError("boot:restore", "QEMU exited while loading the saved L1 state", tail=vm.stderr_tail())
+        try:
+            st = vm.qmp("query-status")
+        except (OSError, RuntimeError, ConnectionError):
+            return None
+        status = st.get("status") if isinstance(st, dict) else None
+        return status in ("paused", "postmigrate", "running") or None
+
+    wait_until(landed, Deadline(timeout), stage="boot:restore", what="the saved L1 state to load", interval=0.1)
+    vm.qmp("cont")
+    return time.monotonic() - t
+
+
+def list_states() -> list[dict]:
+    out = []
+    root = states_dir()
+    for d in sorted(root.glob("*")) if root.exists() else []:
+        if d.name.startswith(".") or not (d / "meta.json").exists():
+            continue
+        meta = json.loads((d / "meta.json").read_text())
+        size = sum(f.stat().st_blocks * 512 for f in d.iterdir())
+        out.append({"key": d.name, "dir": str(d), "bytes": size, "created": meta.get("created"),
+                    "xen_cmdline": (meta.get("inputs", {}).get("argv") or [])})
+    return out
+
+
+def remove(key: str) -> bool:
+    d = states_dir() / key
+    if d.exists():
+        shutil.rmtree(d)
+        return True
+    return False
