@@ -26,7 +26,8 @@ venv: $(STAMP)
 images: deps venv
 	$(VENV)/bin/lab images build
 
-# The README's test command: unit tests + the e2e tier (default PASS, negative control HANG).
+# The README's test command: unit tests + the e2e tier (default on a cold and a
+# restored L1, negative control, stall, io-errors, Ctrl-C). About 12 minutes under TCG.
 test: deps venv images
 	$(PY) -m pytest tests/unit tests/e2e -m "not nightly" -v
 
@@ -42,8 +43,10 @@ test-e2e-all: deps venv images
 	$(PY) -m pytest tests/e2e -v
 	$(MAKE) bench
 
+# Benchmarks print JSON on stdout: warm start and per-phase times, then hang detection.
 bench: deps venv images
-	$(PY) tests/bench/bench_run.py
+	$(PY) tests/bench/bench_run.py --runs 3
+	$(PY) tests/bench/bench_detect.py --stalls 5 --healthy 5 --slow 5
 
 lint: venv
 	$(VENV)/bin/ruff check lab tests

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--results", type=Path, default=Path("results"), help="results root (default ./results)")
     r.add_argument("--keep", action="store_true", help="leave a failed lab running for `lab ssh`")
     r.add_argument("--cold", action="store_true", help="boot L1 cold even if a saved state matches")
+    r.add_argument("--repeat", type=int, default=1, metavar="N", help="run the scenario N times")
+    r.add_argument("--until-fail", action="store_true", help="repeat until a verdict other than PASS "
+                   "(at most --repeat times if given, else without end)")
 
     st = sub.add_parser("states", help="list or delete saved L1 states (warm start)")
     stsub = st.add_subparsers(dest="states_cmd", required=True, parser_class=_Parser)
@@ -77,21 +80,53 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One run, or several (--repeat, --until-fail) for hangs that show once in
+    many runs; every run after the first restores the saved L1, so a repeat costs
+    about the guest's boot plus the workload."""
     from lab.run import LabRun
 
     sc = scenario.load(args.scenario)
-    run = LabRun(sc, results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold)
-    try:
-        rec = run.execute()
-    except (KeyboardInterrupt, Interrupted):
-        print("\nlab: interrupted; the lab was torn down", file=sys.stderr)
-        return 130
-    for line in report.summary_lines(rec):
-        print(line)
-    if rec.get("kept"):
-        print(f"  lab left running (QEMU pid {rec['kept']['qemu_pid']}): "
-              f"`lab ssh dom0 --lab {rec['results_dir']}`; tear down with `{rec['teardown_hint']}`")
-    return int(rec["exit_code"])
+    if args.repeat < 1:
+        raise ScenarioError(f"--repeat: expected at least 1, got {args.repeat}")
+    limit = args.repeat if (args.repeat > 1 or not args.until_fail) else None
+    records: list[dict] = []
+    i = 0
+    while limit is None or i < limit:
+        i += 1
+        run = LabRun(sc, results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold)
+        try:
+            rec = run.execute()
+        except (KeyboardInterrupt, Interrupted):
+            print("\nlab: interrupted; the lab was torn down", file=sys.stderr)
+            _print_repeat_summary(records)
+            return 130
+        records.append(rec)
+        if limit != 1 or args.until_fail:
+            print(f"[{i}{'/' + str(limit) if limit else ''}] ", end="")
+        for line in report.summary_lines(rec):
+            print(line)
+        if rec.get("kept"):
+            print(f"  lab left running (QEMU pid {rec['kept']['qemu_pid']}): "
+                  f"`lab ssh dom0 --lab {rec['results_dir']}`; tear down with `{rec['teardown_hint']}`")
+            break
+        if args.until_fail and rec["verdict"] != "PASS":
+            break
+    if len(records) > 1:
+        _print_repeat_summary(records)
+    worst = max(records, key=lambda r: (r["verdict"] != "PASS", r["exit_code"]))
+    return int(worst["exit_code"])
+
+
+def _print_repeat_summary(records: list[dict]) -> None:
+    if not records:
+        return
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    print(f"{len(records)} runs: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items())))
+    for n, r in enumerate(records, 1):
+        print(f"  {n:3}  {r['verdict']:5}  {r.get('wall_s', 0):6.0f}s  l1 {r.get('l1', {}).get('start', '?'):8}  "
+              f"{r['results_dir']}")
 
 
 def cmd_images(args: argparse.Namespace) -> int:

@@ -32,7 +32,8 @@ from lab.watchdog import BackendPoint, GuestPoint, Sampler, Track, check_drain, 
 from lab.xen import VbdInfo, Xl, XlDisk, parse_xenstore_ls, render_xl_cfg, vbd_info
 
 log = logging.getLogger("lab.run")
-GUEST_NET = "10.99.0"  # dom0's xenbr0 is .1; guests from .10 (inside L1 only)
+GUEST_NET = "10.99.0"
+PROBE_SECONDS = 5.0  # dom0's liveness probe: `true` over SSH answers in well under 1 s under TCG  # dom0's xenbr0 is .1; guests from .10 (inside L1 only)
 
 
 @dataclass
@@ -138,6 +139,9 @@ class LabRun:
         self.t_workload = 0.0
         self.lock = threading.Lock()
         self.interrupted = False
+        self.injector = None  # type: ignore[var-annotated]
+        self._l1_alive: bool | None = None
+        self._console_size, self._console_moved_t, self._last_probe_t = -1, 0.0, 0.0
 
     # ------------------------------------------------------------ top level
     def execute(self) -> dict:
@@ -198,6 +202,14 @@ class LabRun:
             fn()
         finally:
             self.phases[name] = round(time.monotonic() - t, 2)
+
+    def _bisect_code(self) -> int:
+        """As a `git bisect run` step: a lab failure never blames a commit, nor does
+        an L1 that went unresponsive without a lockup or panic on any console."""
+        v = self.record["verdict"]
+        if v == "HANG" and (self.record.get("hang") or {}).get("l1_unresponsive"):
+            return 125
+        return report.BISECT_CODES[v]
 
     def _settle_state(self) -> None:
         """Keep a state saved during this run only if the run reached a decision."""
@@ -520,6 +532,8 @@ class LabRun:
             g.runner.run(["sh", "-c", f"cat > /run/lab/fio-{i}.job"], timeout=dl.command, input=job).check("workload")
         self.t_workload = time.monotonic()
         self._start_samplers()
+        if self.sc.faults:
+            self._start_faults()
         results: dict[int, object] = {}
         threads = []
         for i, (w, g, _tr) in enumerate(jobs):
@@ -548,6 +562,10 @@ class LabRun:
                     break
             if hang:
                 self._verdict_hang(hang.as_dict(), hang.cause)
+                return
+            unresponsive = self._l1_unresponsive(now)
+            if unresponsive:
+                self._verdict_hang(unresponsive, unresponsive["cause"])
                 return
             if all(not th.is_alive() for th in threads):
                 break
@@ -578,6 +596,13 @@ class LabRun:
                 "peak_inflight_guest": peak(p.inflight for p in tr.guest_pts),
                 "peak_inflight_backing": peak(p.backing_inflight for p in tr.backend_pts),
                 "longest_completion_gap_s": longest_gap(tr),
+                # share of the workload's dom0 samples in which the backing device held
+                # at least a full ring: did the backend's pool stay exhausted?
+                "backing_full_fraction": round(
+                    sum(p.backing_inflight >= tr.ring_capacity for p in tr.backend_pts if p.t <= t_end)
+                    / max(1, sum(1 for p in tr.backend_pts if p.t <= t_end)), 3),
+                "oo_req": (tr.backend_pts[-1].stats["oo_req"] - tr.backend_pts[0].stats["oo_req"])
+                if tr.backend_pts else None,
             }
             assert g.runner is not None
             out = g.runner.run(["cat", f"/run/lab/fio-{i}.json"], timeout=dl.command)
@@ -618,11 +643,65 @@ class LabRun:
 
     def _verdict_hang(self, hang: dict | None, cause: str) -> None:
         self.record.update(verdict="HANG", stage=self.stage)
-        self.record["hang"] = hang or {"cause": cause}
-        t = hang["last_progress_at_s"] if hang else None
+        hang = dict(hang or {"cause": cause})
+        t = hang.get("last_progress_at_s")
+        if self.injector is not None:
+            # for an induced fault, detection latency counts from its recorded start
+            f = self.injector.first_started(("stall", "pause-l1"))
+            if f is not None and f.started_at is not None and "detected_at_s" in hang:
+                hang["fault_started_at_s"] = round(f.started_at, 2)
+                hang["detected_after_s"] = round(hang["detected_at_s"] - f.started_at, 2)
+                hang["detected_after_from"] = f"fault {f.cfg.kind}"
+        hang.setdefault("detected_after_from", "last progress")
+        self.record["hang"] = hang
         since = f" since t={t:.0f}s of the workload" if t is not None else ""
         self.record["summary"] = f"HANG: {cause}{since}"
         self.phases["fio"] = round(time.monotonic() - self.t_workload, 2)
+
+    def _l1_unresponsive(self, now: float) -> dict | None:
+        """"L1 unresponsive", decided from what a wedged host shows (no samples from
+        any machine, dom0's SSH probe past its deadline, consoles silent, QEMU alive),
+        never from QEMU's run state."""
+        wd = self.sc.watchdog
+        con = self.consoles["xen"]
+        size = con.size()
+        if size != self._console_size:
+            self._console_size, self._console_moved_t = size, now
+        last = max((s.last_t for s in self.samplers if s.last_t is not None), default=0.0)
+        if now - last < wd.stall_window or now - self._last_probe_t < wd.stall_window:
+            return None
+        self._last_probe_t = now
+        assert self.dom0 is not None
+        probe = self.dom0.run(["true"], timeout=PROBE_SECONDS)
+        if probe.ok:
+            return None
+        if not (self.vm and self.vm.alive()):
+            return None  # a dead VM is a CRASH: _check_crash says so
+        silent = now - self._console_moved_t
+        cause = "L1 unresponsive"
+        return {
+            "cause": cause, "l1_unresponsive": True,
+            "detected_at_s": round(time.monotonic() - self.t_workload, 2),
+            "last_progress_at_s": round(last, 2),
+            "detected_after_s": round(time.monotonic() - self.t_workload - last, 2),
+            "evidence": f"no samples from dom0 or guests for {now - last:.0f}s; dom0's SSH probe got no answer "
+                        f"within {PROBE_SECONDS:.0f}s; Xen console silent for {silent:.0f}s; QEMU process alive",
+            "side_stopped_first": "both",
+        }
+
+    def _start_faults(self) -> None:
+        from lab.faults import Injector
+
+        assert self.dom0 is not None and self.vm is not None
+        vm = self.vm
+        self.injector = Injector(
+            self.sc.faults, dom0=self.dom0,
+            backing=lambda g, d: self.guests[g].backings[d],
+            pause_l1=lambda: vm.qmp("stop"), resume_l1=lambda: vm.qmp("cont"),
+            t0=self.t_workload,
+        )
+        self.cleanups.append(self.injector.release_all)
+        self.injector.start()
 
     def _check_crash(self) -> bool:
         for name, con in self.consoles.items():
@@ -692,25 +771,40 @@ class LabRun:
             (edir / f"tail-{name}.txt").write_text(con.tail(80) + "\n")
             ev[f"console_tail_{name}"] = f"evidence/tail-{name}.txt"
         items: list[tuple[str, object, list[str]]] = []
-        if self.dom0 is not None and self.dom0.alive():
+        if self._l1_answers():
             items += [
                 ("xl-list", self.dom0, ["xl", "list"]),
                 ("xl-dmesg", self.dom0, ["xl", "dmesg"]),
                 ("xenstore-backend", self.dom0, ["xenstore-ls", "-f", "/local/domain/0/backend"]),
-                ("dom0-dmesg", self.dom0, ["dmesg"]),
-                ("dom0-dmsetup", self.dom0, ["dmsetup", "info"]),
                 ("dom0-vbd-stats", self.dom0, ["sh", "-c", "grep -H . /sys/bus/xen-backend/devices/vbd-*/statistics/*"]),
-                ("dom0-blocked-tasks", self.dom0, ["sh", "-c", "echo w > /proc/sysrq-trigger; dmesg | tail -n 200"]),
+                ("dom0-inflight", self.dom0, ["sh", "-c", "grep -H . /sys/block/*/inflight"]),
+                ("dom0-dmsetup", self.dom0, ["sh", "-c", "dmsetup info; dmsetup table"]),
+                # Xen's own view: 'q' dumps domain and vCPU state into the Xen console ring
+                ("xen-debug-keys-q", self.dom0, ["sh", "-c", "xl debug-keys q && xl dmesg | tail -n 300"]),
+                # blocked (D-state) task stacks in dom0, then its whole kernel log
+                ("dom0-blocked-tasks", self.dom0, ["sh", "-c", "echo w > /proc/sysrq-trigger; dmesg | tail -n 300"]),
+                ("dom0-dmesg", self.dom0, ["dmesg"]),
             ]
-        for name, g in self.guests.items():
-            if g.runner is not None and g.runner.alive():
-                items += [(f"{name}-dmesg", g.runner, ["dmesg"]),
-                          (f"{name}-diskstats", g.runner, ["cat", "/proc/diskstats"])]
+            for name, g in self.guests.items():
+                if g.runner is not None and g.runner.alive():
+                    items += [(f"{name}-inflight", g.runner, ["sh", "-c", "grep -H . /sys/block/*/inflight"]),
+                              (f"{name}-diskstats", g.runner, ["cat", "/proc/diskstats"]),
+                              (f"{name}-dmesg", g.runner, ["dmesg"])]
+        else:
+            ev["l1"] = "dom0 did not answer an SSH probe: only L0 evidence was collected"
         for label, runner, argv in items:
             res = runner.run(argv, timeout=10)  # type: ignore[attr-defined]
             (edir / f"{label}.txt").write_text(res.stdout + (f"\n[rc {res.rc}] {res.stderr}" if not res.ok else ""))
             ev[label] = f"evidence/{label}.txt"
         self.record["evidence"] = ev
+
+    def _l1_answers(self) -> bool:
+        """One short probe, remembered: evidence must not wait out every item's
+        deadline on an L1 that stopped answering."""
+        if self._l1_alive is None:
+            self._l1_alive = bool(self.dom0 is not None and self.dom0.alive()
+                                  and self.dom0.run(["true"], timeout=PROBE_SECONDS).ok)
+        return self._l1_alive
 
     def fetch_guest_consoles(self) -> None:
         for name in self.guests:
@@ -726,7 +820,7 @@ class LabRun:
         try:
             if self.interrupted:  # the user wants out: no evidence round trips
                 raise _SkipEvidence()
-            if self.dom0 is not None and self.dom0.alive():
+            if self._l1_answers():
                 self.fetch_guest_consoles()
             if self.record["verdict"] not in ("PASS",):
                 if self.record["verdict"] != "CRASH":
@@ -745,6 +839,9 @@ class LabRun:
                                      "samplers": {s.name: {"lines": s.lines, "error": s.error} for s in self.samplers}}
             self.record["counters"] = {tr.vbd: report.counter_summary(tr) for tr in self.tracks}
         self.record["watchdog"] = scenario.to_dict(self.sc.watchdog)
+        if self.injector is not None:
+            self.record["faults"] = [r.as_dict() for r in self.injector.records]
+        self.record["bisect_code"] = self._bisect_code()
         self.record["exit_code"] = report.EXIT_CODES[self.record["verdict"]]
         # the lab's own overhead: everything but L1 boot, guest boot and the workload itself
         ph = self.phases

@@ -131,6 +131,26 @@ class WorkloadCfg:
     extra: dict[str, str] = field(default_factory=dict)  # more fio job options
 
 
+FAULT_KINDS = ("stall", "delay", "error", "pause-l1")
+
+
+@dataclass(frozen=True)
+class FaultCfg:
+    """A fault injected into the real stack, `at` seconds after the workloads start.
+
+    stall: the disk's dm device in dom0 is suspended (I/O stops completing);
+    delay: every I/O to it takes `delay` longer (dm-delay), but completes;
+    error: every I/O to it fails (dm error target);
+    pause-l1: the whole Xen VM is frozen from L0 (QEMU monitor `stop`)."""
+
+    kind: Literal["stall", "delay", "error", "pause-l1"] = "stall"
+    guest: str = ""  # target guest and disk (not used by pause-l1)
+    disk: str = "xvdb"
+    at: Duration = Duration(0)
+    duration: Duration = Duration(0)  # 0 = until the end of the run
+    delay: Duration = Duration(0.1)  # extra latency per I/O, for kind = "delay"
+
+
 @dataclass(frozen=True)
 class WatchdogCfg:
     interval: Duration = Duration(1)  # sampling interval
@@ -158,6 +178,7 @@ class Scenario:
     dom0: Dom0Cfg = Dom0Cfg()
     guests: tuple[GuestCfg, ...] = ()
     workloads: tuple[WorkloadCfg, ...] = ()
+    faults: tuple[FaultCfg, ...] = ()
     watchdog: WatchdogCfg = WatchdogCfg()
     deadlines: DeadlinesCfg = DeadlinesCfg()
     source: str = field(default="", metadata={"internal": True})
@@ -306,6 +327,14 @@ def _check(s: Scenario, where: str) -> None:
                 raise err(f"workloads[{i}].{k}", "expected at least 1")
         if w.runtime <= 0:
             raise err(f"workloads[{i}].runtime", "expected more than 0s")
+    for i, f in enumerate(s.faults):
+        if f.kind != "pause-l1":
+            if f.guest not in names:
+                raise err(f"faults[{i}].guest", f"expected one of the guests {sorted(names)}, got {f.guest!r}")
+            if f.disk not in [d.vdev for d in s.guest(f.guest).disks]:
+                raise err(f"faults[{i}].disk", f"guest '{f.guest}' has no disk {f.disk!r}")
+        if f.kind == "delay" and not 0 < f.delay <= 60:
+            raise err(f"faults[{i}].delay", "expected a latency between 1ms and 60s")
     wd = s.watchdog
     if wd.interval <= 0 or wd.stall_window < 2 * wd.interval:
         raise err("watchdog.stall_window", "expected at least twice watchdog.interval")

@@ -210,6 +210,7 @@ class Sampler(threading.Thread):
         self.t0 = t0
         self.error: str | None = None
         self.lines = 0
+        self.last_t: float | None = None  # when the last line arrived (workload clock)
         # not `_stop`: that name is threading.Thread's own method (join, is_alive)
         self._stop_event = threading.Event()
 
@@ -227,7 +228,8 @@ class Sampler(threading.Thread):
                 except (ValueError, KeyError, TypeError):
                     continue
                 self.lines += 1
-                self.on_sample(time.monotonic() - self.t0, values)
+                self.last_t = time.monotonic() - self.t0
+                self.on_sample(self.last_t, values)
         except Exception as e:  # the decision sees the silence; keep the reason
             self.error = f"{type(e).__name__}: {e}"
             log.info("%s ended: %s", self.name, self.error)

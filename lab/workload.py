@@ -83,7 +83,8 @@ def parse_fio(text: str) -> IoResult:
     errors = 0
     runtime = 0.0
     for j in jobs:
-        errors += int(j.get("error", 0))
+        # `error` is the first error's errno; with continue_on_error fio counts them in total_err
+        errors += max(int(j.get("total_err", 0)), 1 if int(j.get("error", 0)) else 0)
         # with group_reporting, job_runtime is the sum over the numjobs jobs; each
         # direction's runtime is the group's longest, i.e. the wall runtime
         side_runtime = 0.0

@@ -103,11 +103,19 @@ def test_parse_fio_shall_count_errors_and_trim_as_writes() -> None:
                   "clat_ns": {"max": 2e6, "percentile": {"50.000000": 2e6, "99.000000": 2e6}}}},
     ]}
     res = workload.parse_fio(json.dumps(data))
-    assert res.errors == 5
+    # `error` is the errno of the first error (5 = EIO), not a count: at least one error
+    assert res.errors == 1
     assert (res.read_iops, res.write_iops, res.ios) == (10.0, 5.0, 150)
     assert (res.clat_p50_ms, res.clat_p99_ms, res.clat_max_ms) == (2.0, 3.0, 9.0)
     assert res.runtime_s == pytest.approx(1.0)
     assert res.as_dict()["iops"] == 15.0
+
+
+def test_parse_fio_shall_count_every_error_under_continue_on_error() -> None:
+    """With continue_on_error fio keeps going and counts errors in total_err."""
+    data = {"jobs": [{"error": 5, "total_err": 7, "read": {"total_ios": 3}, "write": {}},
+                     {"error": 0, "total_err": 0, "read": {"total_ios": 3}, "write": {}}]}
+    assert workload.parse_fio(json.dumps(data)).errors == 7
 
 
 def _job(w: scenario.WorkloadCfg, device: str = "/dev/xvdb") -> dict[str, str]:

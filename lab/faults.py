@@ -1,0 +1,160 @@
+"""Fault injection on the real stack, timed from the workload's start.
+
+Disk faults act on the dm device in dom0 that backs a guest's test disk (the
+guest's configuration never changes): `stall` suspends it, `delay` swaps in a
+dm-delay table, `error` a dm error table. `pause-l1` freezes the whole Xen VM from
+L0 with the QEMU monitor. Every fault records when it really started and ended,
+and is released before teardown (a suspended device would leave a dying domain)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lab.dom0 import Backing
+from lab.runner import Result, Runner
+from lab.scenario import FaultCfg
+
+log = logging.getLogger("lab.faults")
+
+
+def dm_table(kind: str, b: Backing, sectors_var: str = "$n", *, delay_ms: int = 0) -> str:
+    """The device-mapper table that gives `kind` over the backing's lower disk."""
+    if kind == "linear":
+        return f"0 {sectors_var} linear {b.lower} 0"
+    if kind == "delay":
+        return f"0 {sectors_var} delay {b.lower} 0 {delay_ms}"
+    if kind == "error":
+        return f"0 {sectors_var} error"
+    raise ValueError(kind)
+
+
+def swap_table_script(b: Backing, table: str) -> str:
+    """Replace the live table: suspend, load, resume (one command: one round trip)."""
+    return (
+        f"set -e; n=$(blockdev --getsz {b.lower}); "
+        f"dmsetup suspend --noudevsync {b.name}; "
+        f"dmsetup reload --noudevsync {b.name} --table \"{table}\"; "
+        f"dmsetup resume --noudevsync {b.name}"
+    )
+
+
+@dataclass
+class FaultRecord:
+    cfg: FaultCfg
+    planned_at: float
+    started_at: float | None = None  # seconds since the workload started, L0's clock
+    ended_at: float | None = None
+    error: str | None = None
+    log: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.cfg.kind, "guest": self.cfg.guest or None, "disk": self.cfg.disk if self.cfg.guest else None,
+            "planned_at_s": self.planned_at, "duration_s": self.cfg.duration or None,
+            "started_at_s": None if self.started_at is None else round(self.started_at, 2),
+            "ended_at_s": None if self.ended_at is None else round(self.ended_at, 2),
+            "error": self.error,
+        }
+
+
+class Injector(threading.Thread):
+    """Applies the scenario's faults on schedule; `release_all` undoes what is active."""
+
+    def __init__(
+        self,
+        faults: tuple[FaultCfg, ...],
+        *,
+        dom0: Runner,
+        backing: Callable[[str, str], Backing],
+        pause_l1: Callable[[], None],
+        resume_l1: Callable[[], None],
+        t0: float,
+    ) -> None:
+        super().__init__(name="faults", daemon=True)
+        self.dom0 = dom0
+        self.backing = backing
+        self.pause_l1 = pause_l1
+        self.resume_l1 = resume_l1
+        self.t0 = t0
+        self.records = [FaultRecord(f, float(f.at)) for f in sorted(faults, key=lambda f: f.at)]
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def run(self) -> None:
+        events: list[tuple[float, str, FaultRecord]] = []
+        for r in self.records:
+            events.append((r.planned_at, "apply", r))
+            if r.cfg.duration > 0:
+                events.append((r.planned_at + r.cfg.duration, "release", r))
+        events.sort(key=lambda e: (e[0], e[1] == "apply"))
+        for at, what, rec in events:
+            if self._stop_event.wait(max(0.0, at - self.now())):
+                return
+            with self._lock:
+                if what == "apply":
+                    self._apply(rec)
+                elif rec.started_at is not None and rec.ended_at is None:
+                    self._release(rec)
+
+    def _dm(self, rec: FaultRecord, script: str) -> Result:
+        res = self.dom0.run(["sh", "-c", script], timeout=30)
+        rec.log.append(f"{script} -> rc {res.rc} {res.stderr.strip()[-200:]}")
+        return res
+
+    def _apply(self, rec: FaultRecord) -> None:
+        f = rec.cfg
+        t = self.now()
+        log.info("fault %s on %s/%s at %.1fs", f.kind, f.guest, f.disk, t)
+        if f.kind == "pause-l1":
+            try:
+                self.pause_l1()
+                rec.started_at = t
+            except Exception as e:
+                rec.error = f"{type(e).__name__}: {e}"
+            return
+        b = self.backing(f.guest, f.disk)
+        if f.kind == "stall":
+            res = self._dm(rec, f"dmsetup suspend --noudevsync {b.name}")
+        elif f.kind == "delay":
+            res = self._dm(rec, swap_table_script(b, dm_table("delay", b, delay_ms=round(f.delay * 1000))))
+        else:
+            res = self._dm(rec, swap_table_script(b, dm_table("error", b)))
+        # the fault is in force from the moment the command returned
+        if res.ok:
+            rec.started_at = t
+        else:
+            rec.error = res.stderr.strip()[-300:] or f"rc {res.rc}"
+
+    def _release(self, rec: FaultRecord) -> None:
+        f = rec.cfg
+        t = self.now()
+        if f.kind == "pause-l1":
+            self.resume_l1()
+        elif f.kind == "stall":
+            self._dm(rec, f"dmsetup resume --noudevsync {self.backing(f.guest, f.disk).name}")
+        else:
+            b = self.backing(f.guest, f.disk)
+            self._dm(rec, swap_table_script(b, dm_table("linear", b)))
+        rec.ended_at = t
+        log.info("fault %s released at %.1fs", f.kind, t)
+
+    def release_all(self) -> None:
+        self._stop_event.set()
+        with self._lock:
+            for rec in self.records:
+                if rec.started_at is not None and rec.ended_at is None:
+                    try:
+                        self._release(rec)
+                    except Exception as e:
+                        rec.error = f"release failed: {e}"
+
+    def first_started(self, kinds: tuple[str, ...]) -> FaultRecord | None:
+        started = [r for r in self.records if r.started_at is not None and r.cfg.kind in kinds]
+        return min(started, key=lambda r: r.started_at or 0) if started else None
