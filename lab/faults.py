@@ -115,7 +115,7 @@ class Injector(threading.Thread):
         if f.kind == "pause-l1":
             try:
                 self.pause_l1()
-                rec.started_at = t
+                rec.started_at = self.now()
             except Exception as e:
                 rec.error = f"{type(e).__name__}: {e}"
             return
@@ -126,9 +126,10 @@ class Injector(threading.Thread):
             res = self._dm(rec, swap_table_script(b, dm_table("delay", b, delay_ms=round(f.delay * 1000))))
         else:
             res = self._dm(rec, swap_table_script(b, dm_table("error", b)))
-        # the fault is in force from the moment the command returned
+        # in force from the moment the command returned (a suspend first waits for
+        # the I/O already in flight to complete)
         if res.ok:
-            rec.started_at = t
+            rec.started_at = self.now()
         else:
             rec.error = res.stderr.strip()[-300:] or f"rc {res.rc}"
 

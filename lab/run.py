@@ -71,6 +71,21 @@ def sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def hang_summary(hang: dict, cause: str, t: float | None) -> str:
+    """One line: what stopped, where, and since when."""
+    since = f" since t={t:.0f}s of the workload" if t is not None else ""
+    where = ""
+    if hang.get("backend_taken") is not None and hang.get("guest_completed") is not None:
+        held = hang["backend_taken"] - hang["guest_completed"]
+        where = (f"; dom0: blkback took {hang['backend_taken']} requests, {held} not completed to the guest, "
+                 f"{hang.get('backing_inflight')} in flight on the backing device")
+    elif hang.get("evidence"):
+        where = f": {hang['evidence']}"
+    first = hang.get("side_stopped_first")
+    side = f"; stopped first: {first}" if first and first != "unknown" else ""
+    return f"HANG: {cause}{since}{where}{side}"
+
+
 class _SkipEvidence(Exception):
     pass
 
@@ -550,8 +565,11 @@ class LabRun:
             self.hooks.workload_started(self)
         end_by = Deadline(max(w.runtime for w in self.sc.workloads) + dl.workload_grace)
         hang = None
+        self._jobs = jobs
         while True:
-            time.sleep(wd.interval)
+            # decide on a finer tick than the sampling interval: a stall is called
+            # within a quarter interval of the window closing, not up to a whole one
+            time.sleep(wd.interval / 4)
             now = time.monotonic() - self.t_workload
             crash = self._check_crash()
             if crash:
@@ -590,20 +608,7 @@ class LabRun:
         errors = []
         for i, (w, g, tr) in enumerate(jobs):
             res = results.get(i)
-            entry = {
-                "guest": w.guest, "disk": w.disk, "tool": w.tool, "outstanding": w.iodepth * w.numjobs,
-                "ring_capacity": tr.ring_capacity,
-                "peak_inflight_guest": peak(p.inflight for p in tr.guest_pts),
-                "peak_inflight_backing": peak(p.backing_inflight for p in tr.backend_pts),
-                "longest_completion_gap_s": longest_gap(tr),
-                # share of the workload's dom0 samples in which the backing device held
-                # at least a full ring: did the backend's pool stay exhausted?
-                "backing_full_fraction": round(
-                    sum(p.backing_inflight >= tr.ring_capacity for p in tr.backend_pts if p.t <= t_end)
-                    / max(1, sum(1 for p in tr.backend_pts if p.t <= t_end)), 3),
-                "oo_req": (tr.backend_pts[-1].stats["oo_req"] - tr.backend_pts[0].stats["oo_req"])
-                if tr.backend_pts else None,
-            }
+            entry = self._workload_entry(w, tr, t_end)
             assert g.runner is not None
             out = g.runner.run(["cat", f"/run/lab/fio-{i}.json"], timeout=dl.command)
             (self.results / f"fio-{i}.json").write_text(out.stdout)
@@ -641,8 +646,27 @@ class LabRun:
             else:
                 self.record.update(verdict="PASS", stage="done", summary="all workloads finished, progressed and drained")
 
+    @staticmethod
+    def _workload_entry(w: scenario.WorkloadCfg, tr: Track, t_end: float) -> dict:
+        during = [p for p in tr.backend_pts if p.t <= t_end]
+        return {
+            "guest": w.guest, "disk": w.disk, "tool": w.tool, "outstanding": w.iodepth * w.numjobs,
+            "ring_capacity": tr.ring_capacity,
+            "peak_inflight_guest": peak(p.inflight for p in tr.guest_pts),
+            "peak_inflight_backing": peak(p.backing_inflight for p in tr.backend_pts),
+            "longest_completion_gap_s": longest_gap(tr),
+            # share of the workload's dom0 samples in which the backing device held at
+            # least a full ring: did the backend's pool of requests stay exhausted?
+            "backing_full_fraction": round(
+                sum(p.backing_inflight >= tr.ring_capacity for p in during) / max(1, len(during)), 3),
+            "oo_req": (tr.backend_pts[-1].stats["oo_req"] - tr.backend_pts[0].stats["oo_req"])
+            if tr.backend_pts else None,
+        }
+
     def _verdict_hang(self, hang: dict | None, cause: str) -> None:
         self.record.update(verdict="HANG", stage=self.stage)
+        now = time.monotonic() - self.t_workload
+        self.record["workloads"] = [self._workload_entry(w, tr, now) for w, _g, tr in getattr(self, "_jobs", [])]
         hang = dict(hang or {"cause": cause})
         t = hang.get("last_progress_at_s")
         if self.injector is not None:
@@ -654,8 +678,7 @@ class LabRun:
                 hang["detected_after_from"] = f"fault {f.cfg.kind}"
         hang.setdefault("detected_after_from", "last progress")
         self.record["hang"] = hang
-        since = f" since t={t:.0f}s of the workload" if t is not None else ""
-        self.record["summary"] = f"HANG: {cause}{since}"
+        self.record["summary"] = hang_summary(hang, cause, t)
         self.phases["fio"] = round(time.monotonic() - self.t_workload, 2)
 
     def _l1_unresponsive(self, now: float) -> dict | None:
