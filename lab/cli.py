@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--results", type=Path, default=Path("results"), help="results root (default ./results)")
     r.add_argument("--keep", action="store_true", help="leave a failed lab running for `lab ssh`")
     r.add_argument("--cold", action="store_true", help="boot L1 cold even if a saved state matches")
+    r.add_argument("--backend", type=Path, metavar="PATH",
+                   help="the backend under test: a kernel source tree with drivers/block/xen-blkback/")
+    r.add_argument("--bisect-exit", action="store_true",
+                   help="exit 0 (good) / 1 (bad) / 125 (skip) for `git bisect run`")
     r.add_argument("--repeat", type=int, default=1, metavar="N", help="run the scenario N times")
     r.add_argument("--until-fail", action="store_true", help="repeat until a verdict other than PASS "
                    "(at most --repeat times if given, else without end)")
@@ -51,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     isub = i.add_subparsers(dest="images_cmd", required=True, parser_class=_Parser)
     isub.add_parser("build", help="build every image whose recipe or inputs changed")
     isub.add_parser("list", help="list cached images")
+
+    b = sub.add_parser("bisect", help="find the commit that broke I/O with git bisect run")
+    b.add_argument("--scenario", required=True)
+    b.add_argument("--repo", type=Path, required=True, help="kernel source tree (git) of the backend")
+    b.add_argument("--good", required=True)
+    b.add_argument("--bad", required=True)
+    b.add_argument("--runs", type=int, default=2, help="confirm with N runs at the culprit and its parent")
+    b.add_argument("--accel", choices=["auto", "kvm", "tcg"])
+    b.add_argument("--results", type=Path, default=Path("results"))
 
     sub.add_parser("list", help="list the preset scenarios")
 
@@ -72,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # paramiko logs each refused channel while a guest boots; those are expected retries
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     try:
-        return {"run": cmd_run, "images": cmd_images, "states": cmd_states, "list": cmd_list, "ssh": cmd_ssh, "down": cmd_down}[
+        return {"run": cmd_run, "images": cmd_images, "states": cmd_states, "bisect": cmd_bisect, "list": cmd_list, "ssh": cmd_ssh, "down": cmd_down}[
             args.cmd](args)
     except (ScenarioError, LabError) as e:
         print(f"lab: ERROR: {e}", file=sys.stderr)
@@ -86,6 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lab.run import LabRun
 
     sc = scenario.load(args.scenario)
+    if args.backend:
+        import dataclasses
+
+        sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(args.backend.resolve())))
     if args.repeat < 1:
         raise ScenarioError(f"--repeat: expected at least 1, got {args.repeat}")
     limit = args.repeat if (args.repeat > 1 or not args.until_fail) else None
@@ -114,6 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(records) > 1:
         _print_repeat_summary(records)
     worst = max(records, key=lambda r: (r["verdict"] != "PASS", r["exit_code"]))
+    if args.bisect_exit:
+        return int(worst["bisect_code"])
     return int(worst["exit_code"])
 
 
@@ -127,6 +146,22 @@ def _print_repeat_summary(records: list[dict]) -> None:
     for n, r in enumerate(records, 1):
         print(f"  {n:3}  {r['verdict']:5}  {r.get('wall_s', 0):6.0f}s  l1 {r.get('l1', {}).get('start', '?'):8}  "
               f"{r['results_dir']}")
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from lab import bisect
+
+    if args.runs < 1:
+        raise ScenarioError(f"--runs: expected at least 1, got {args.runs}")
+    try:
+        res = bisect.bisect(args.scenario, args.repo, args.good, args.bad, runs=args.runs,
+                            results_root=args.results, accel=args.accel)
+    except (KeyboardInterrupt, Interrupted):
+        print("\nlab: bisect interrupted; `git bisect reset` restored the repository", file=sys.stderr)
+        return 130
+    for line in bisect.summary_lines(res):
+        print(line)
+    return 0 if res.get("first_bad") else 1
 
 
 def cmd_images(args: argparse.Namespace) -> int:

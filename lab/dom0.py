@@ -5,7 +5,9 @@ so far; FreeBSD (sysctl dev.xbbd) plugs in as another class with the same method
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from lab.errors import LabError
 from lab.runner import Runner
@@ -71,6 +73,17 @@ class LinuxDom0:
         """What backend is loaded: the record states it; patched backends compare it."""
         out = self.r.run(["sh", "-c", BACKEND_INFO], timeout=self.timeout).stdout
         return parse_key_values(out)
+
+    def install_backend(self, ko: Path, expect_build_id: str | None, *, put: Callable[[Path, str], object]) -> dict:
+        """Swap the stock xen-blkback for `ko` (no vbd exists yet), and prove it is
+        the one loaded: a run with anything else loaded is an ERROR, never a PASS."""
+        put(ko, "/run/lab/xen-blkback.ko")
+        self.sh("rmmod xen_blkback; insmod /run/lab/xen-blkback.ko", stage="backend")
+        loaded = self.backend_module()
+        if not expect_build_id or loaded.get("build_id") != expect_build_id:
+            raise LabError("backend", f"dom0 runs xen-blkback with build-id {loaded.get('build_id')!r}, "
+                           f"not the one built ({expect_build_id!r})")
+        return loaded
 
     def mount_boot_disk(self, serial: str, where: str) -> None:
         """The read-only disk with the guests' kernels (cheaper than copying them

@@ -133,7 +133,9 @@ class LabRun:
         keep: bool = False,
         cold: bool = False,
         hooks: Hooks | None = None,
+        results_dir: Path | None = None,
     ) -> None:
+        self.results_dir = results_dir  # an exact directory (bisect steps) instead of results/<name>/<stamp>
         self.cold = cold  # never restore a saved L1 (a new state is still saved if none exists)
         self.pending_state: l1state.State | None = None
         self.sc = sc
@@ -161,7 +163,11 @@ class LabRun:
     # ------------------------------------------------------------ top level
     def execute(self) -> dict:
         t_start = time.monotonic()
-        self.results = report.make_results_dir(self.results_root, self.sc.name)
+        if self.results_dir is not None:
+            self.results = self.results_dir
+            self.results.mkdir(parents=True, exist_ok=True)
+        else:
+            self.results = report.make_results_dir(self.results_root, self.sc.name)
         self.record.update(results_dir=str(self.results), started_utc=report.utc_stamp())
         (self.results / "scenario.toml").write_text(scenario.to_toml(self.sc))
         self.cmdlog = CommandLog(self.results / "commands.log")
@@ -208,6 +214,7 @@ class LabRun:
     def _pipeline(self) -> None:
         self._phase("images", self.prepare_images)
         self._phase("boot", self.boot_l1)
+        self._phase("backend", self.install_backend)
         self._phase("guests", self.start_guests)
         self._phase("workload", self.run_workloads)
 
@@ -451,6 +458,36 @@ class LabRun:
         self.dom0_os = DOM0_CLASSES[self.sc.dom0.os](self.dom0, timeout=dl.command)
         self.record["backend"] = {"kind": "stock", **self.dom0_os.backend_module()}
         self.xl = Xl(self.dom0, timeout=dl.command)
+
+    # ------------------------------------------------------------ backend
+    def install_backend(self) -> None:
+        """Build the backend under test (cached by source hash) and load it into the
+        running dom0 before the first guest exists."""
+        self.stage = "backend"
+        b = self.sc.backend
+        if not b.source:
+            mod = self.record["backend"]
+            # the stock run must really run the stock driver
+            if "/updates/" in mod.get("module_path", "") or "O" in mod.get("taint", ""):
+                raise LabError("backend", f"dom0 has a non-stock xen-blkback loaded: {mod}")
+            return
+        from lab.backend import BACKEND_BUILDERS
+
+        assert self.dom0 is not None
+        abi = self.dom0_img.manifest["kernel_abi"]
+        builder = BACKEND_BUILDERS[self.sc.dom0.os](abi, self.l0)
+        src = Path(b.source).expanduser()
+        if not src.is_dir():
+            raise LabError("backend", f"{self.sc.source}: key 'backend.source': expected a kernel source "
+                           f"directory, got {b.source!r}")
+        t = time.monotonic()
+        art = builder.build(src, [Path(p).expanduser() for p in b.patches], self.results)
+        self.phases["backend_build"] = round(time.monotonic() - t, 2)
+        dom0 = self.dom0
+        loaded = self.dom0_os.install_backend(
+            art.path, art.identity.get("build_id"),
+            put=lambda local, remote: dom0.put_file(local, remote, timeout=60))
+        self.record["backend"] = {"kind": "built", **art.identity, "loaded": loaded}
 
     # ------------------------------------------------------------ guests
     def start_guests(self) -> None:

@@ -131,6 +131,14 @@ class WorkloadCfg:
     extra: dict[str, str] = field(default_factory=dict)  # more fio job options
 
 
+@dataclass(frozen=True)
+class BackendCfg:
+    """The backend under test. "" = the stock driver of the dom0 kernel."""
+
+    source: str = ""  # a kernel source tree (git repo or directory) holding drivers/block/xen-blkback/
+    patches: tuple[str, ...] = ()  # patch files applied on top, in order
+
+
 FAULT_KINDS = ("stall", "delay", "error", "pause-l1")
 
 
@@ -179,6 +187,7 @@ class Scenario:
     guests: tuple[GuestCfg, ...] = ()
     workloads: tuple[WorkloadCfg, ...] = ()
     faults: tuple[FaultCfg, ...] = ()
+    backend: BackendCfg = BackendCfg()
     watchdog: WatchdogCfg = WatchdogCfg()
     deadlines: DeadlinesCfg = DeadlinesCfg()
     source: str = field(default="", metadata={"internal": True})

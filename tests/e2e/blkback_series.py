@@ -1,0 +1,85 @@
+"""The demonstration patch series for `lab bisect`: a git repository holding
+Debian's pristine xen-blkback source, then commits on top, all harmless but one.
+
+The bad commit has the 2014 class of bug: the backend mishandles the moment its
+pool of request structures is exhausted. Freeing a request into an empty pool
+"recycles" it, and one in 16 such requests is never returned to the pool, so the
+pool shrinks below the ring and I/O eventually stops. Only a frontend that keeps
+the ring full against a slower backing store (ring-saturation) empties the pool;
+a light workload (queue depth 1) never does and passes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+DRIVER = "drivers/block/xen-blkback"
+
+FREE_REQ = """	spin_lock_irqsave(&ring->pending_free_lock, flags);
+	was_empty = list_empty(&ring->pending_free);
+	list_add(&req->free_list, &ring->pending_free);"""
+
+LEAKY = """	spin_lock_irqsave(&ring->pending_free_lock, flags);
+	was_empty = list_empty(&ring->pending_free);
+	/*
+	 * The pool ran dry: the ring thread is waiting for this request, so
+	 * hand it over directly instead of queueing it.
+	 */
+	if (was_empty && (atomic_inc_return(&lab_recycled) % 16) == 0) {
+		spin_unlock_irqrestore(&ring->pending_free_lock, flags);
+		wake_up(&ring->pending_free_wq);
+		return;
+	}
+	list_add(&req->free_list, &ring->pending_free);"""
+
+
+def _harmless_comment(text: str, n: int) -> str:
+    anchor = "static void free_req(struct xen_blkif_ring *ring, struct pending_req *req)"
+    return text.replace(anchor, f"/* lab demo: harmless change {n}: pending requests return to the pool here. */\n"
+                        + anchor, 1)
+
+
+def _bug(text: str) -> str:
+    assert FREE_REQ in text, "free_req() is not as expected"
+    text = text.replace(FREE_REQ, LEAKY, 1)
+    return text.replace("static void free_req(struct xen_blkif_ring *ring, struct pending_req *req)",
+                        "static atomic_t lab_recycled = ATOMIC_INIT(0);\n\n"
+                        "static void free_req(struct xen_blkif_ring *ring, struct pending_req *req)", 1)
+
+
+def make_series(dest: Path, pristine: Path, *, bad_at: int, total: int) -> list[str]:
+    """A repo at `dest`: the pristine tree (commit 0), then `total` commits of which
+    number `bad_at` (1-based) adds the bug. Returns the commit shas, base first."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / DRIVER).mkdir(parents=True)
+    for f in ("blkback.c", "xenbus.c", "common.h", "Makefile"):
+        src = pristine / DRIVER / f
+        if src.exists():
+            shutil.copyfile(src, dest / DRIVER / f)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(dest), *args], check=True, capture_output=True, text=True,
+                              env={"GIT_AUTHOR_NAME": "lab", "GIT_AUTHOR_EMAIL": "lab@localhost",
+                                   "GIT_COMMITTER_NAME": "lab", "GIT_COMMITTER_EMAIL": "lab@localhost",
+                                   "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z",
+                                   "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
+                                   "PATH": "/usr/bin:/bin"}).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    git("add", "-A")
+    git("commit", "-q", "-m", "xen-blkback: pristine Debian source")
+    shas = [git("rev-parse", "HEAD")]
+    blk = dest / DRIVER / "blkback.c"
+    for i in range(1, total + 1):
+        text = blk.read_text()
+        if i == bad_at:
+            blk.write_text(_bug(text))
+            msg = "xen-blkback: hand requests freed into an exhausted pool straight to the ring thread"
+        else:
+            blk.write_text(_harmless_comment(text, i))
+            msg = f"xen-blkback: document the request pool ({i})"
+        git("commit", "-q", "-am", msg)
+        shas.append(git("rev-parse", "HEAD"))
+    return shas
