@@ -8,6 +8,7 @@ and is released before teardown (a suspended device would leave a dying domain).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -88,18 +89,21 @@ class Injector(threading.Thread):
         return time.monotonic() - self.t0
 
     def run(self) -> None:
-        events: list[tuple[float, str, FaultRecord]] = []
-        for r in self.records:
-            events.append((r.planned_at, "apply", r))
-            if r.cfg.duration > 0:
-                events.append((r.planned_at + r.cfg.duration, "release", r))
-        events.sort(key=lambda e: (e[0], e[1] == "apply"))
-        for at, what, rec in events:
+        # (time, order, action, record): a release is scheduled `duration` after the
+        # fault was really in force, not after it was planned
+        events = [(r.planned_at, i, "apply", r) for i, r in enumerate(self.records)]
+        heapq.heapify(events)
+        n = len(events)
+        while events:
+            at, _, what, rec = heapq.heappop(events)
             if self._stop_event.wait(max(0.0, at - self.now())):
                 return
             with self._lock:
                 if what == "apply":
                     self._apply(rec)
+                    if rec.started_at is not None and rec.cfg.duration > 0:
+                        n += 1
+                        heapq.heappush(events, (rec.started_at + rec.cfg.duration, n, "release", rec))
                 elif rec.started_at is not None and rec.ended_at is None:
                     self._release(rec)
 
