@@ -43,6 +43,22 @@ def swap_table_script(b: Backing, table: str) -> str:
     )
 
 
+def delay_script(b: Backing, delay_ms: int) -> str:
+    """dm-delay goes *under* the backing device, not in its place: the device
+    blkback submits to stays a dm-linear, whose in-flight count then includes the
+    time each I/O spends in the delay (dm-delay as the top table hid it: the
+    sampled in-flight count stayed near 0 while 32 requests waited)."""
+    slow = f"{b.name}-delay"
+    return (
+        f"set -e; n=$(blockdev --getsz {b.lower}); "
+        f"dmsetup create --noudevsync {slow} --table \"0 $n delay {b.lower} 0 {delay_ms}\"; "
+        f"dmsetup mknodes {slow}; "
+        f"dmsetup suspend --noudevsync {b.name}; "
+        f"dmsetup reload --noudevsync {b.name} --table \"0 $n linear /dev/mapper/{slow} 0\"; "
+        f"dmsetup resume --noudevsync {b.name}"
+    )
+
+
 @dataclass
 class FaultRecord:
     cfg: FaultCfg
@@ -127,7 +143,7 @@ class Injector(threading.Thread):
         if f.kind == "stall":
             res = self._dm(rec, f"dmsetup suspend --noudevsync {b.name}")
         elif f.kind == "delay":
-            res = self._dm(rec, swap_table_script(b, dm_table("delay", b, delay_ms=round(f.delay * 1000))))
+            res = self._dm(rec, delay_script(b, round(f.delay * 1000)))
         else:
             res = self._dm(rec, swap_table_script(b, dm_table("error", b)))
         # in force from the moment the command returned (a suspend first waits for
@@ -147,6 +163,8 @@ class Injector(threading.Thread):
         else:
             b = self.backing(f.guest, f.disk)
             self._dm(rec, swap_table_script(b, dm_table("linear", b)))
+            if f.kind == "delay":
+                self._dm(rec, f"dmsetup remove --noudevsync {b.name}-delay")
         rec.ended_at = t
         log.info("fault %s released at %.1fs", f.kind, t)
 

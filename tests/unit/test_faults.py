@@ -67,3 +67,14 @@ def test_release_all_shall_undo_what_is_in_force_and_nothing_else() -> None:
     assert log == ["stop", "cont"]
     assert inj.records[1].started_at is None and dom0.calls == []  # the stall never started
     assert inj.first_started(("stall", "pause-l1")) is inj.records[0]
+
+
+def test_delay_shall_sit_under_the_device_blkback_uses() -> None:
+    """blkback keeps submitting to a dm-linear (whose in-flight count the watchdog
+    samples); the dm-delay device goes underneath it."""
+    from lab.faults import delay_script
+
+    s = delay_script(B, 100)
+    assert 'dmsetup create --noudevsync lab-lin1-xvdb-delay --table "0 $n delay /dev/vdc 0 100"' in s
+    assert 'dmsetup reload --noudevsync lab-lin1-xvdb --table "0 $n linear /dev/mapper/lab-lin1-xvdb-delay 0"' in s
+    assert s.index("dmsetup create") < s.index("dmsetup suspend") < s.index("dmsetup reload") < s.index("dmsetup resume")
