@@ -808,7 +808,7 @@ class LabRun:
                     st = parse_block_stat(v)
                     if st is not None:
                         with self.lock:
-                            tr.guest_pts.append(GuestPoint(t, st["completed"], st["inflight"]))
+                            tr.guest_pts.append(GuestPoint(t, st["completed"], st["inflight"], st["flushes"]))
 
             runner = g.runner
             self.samplers.append(Sampler(name, lambda r=runner, p=paths: r.stream(["lab-sample", iv, *p], timeout=long),
