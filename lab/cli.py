@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import select
+import shlex
 import shutil
 import sys
 import termios
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the backend under test: a kernel source tree with drivers/block/xen-blkback/")
     r.add_argument("--bisect-exit", action="store_true",
                    help="exit 0 (good) / 1 (bad) / 125 (skip) for `git bisect run`")
+    r.add_argument("--plan", action="store_true",
+                   help="print every download, build and boot step with its command, run nothing")
     r.add_argument("--repeat", type=int, default=1, metavar="N", help="run the scenario N times")
     r.add_argument("--until-fail", action="store_true", help="repeat until a verdict other than PASS "
                    "(at most --repeat times if given, else without end)")
@@ -103,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         import dataclasses
 
         sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(args.backend.resolve())))
+    if args.plan:
+        return _print_plan(sc)
     if args.repeat < 1:
         raise ScenarioError(f"--repeat: expected at least 1, got {args.repeat}")
     limit = args.repeat if (args.repeat > 1 or not args.until_fail) else None
@@ -134,6 +139,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.bisect_exit:
         return int(worst["bisect_code"])
     return int(worst["exit_code"])
+
+
+def _print_plan(sc: scenario.Scenario) -> int:
+    """A dry run: what the scenario would fetch, build and boot, for review."""
+    if sc.dom0.os != "freebsd":
+        print(f"{sc.name}: Linux dom0 (hermetic): `lab images build` (mmdebstrap from the host's Debian mirror), "
+              "then QEMU; see qemu-argv.json in any results directory for the exact command line")
+        return 0
+    from lab import freebsd
+    from lab.run import freebsd_version
+
+    version, how = freebsd_version(sc)
+    steps = freebsd.plan_steps(version=version, arch="amd64", image_file=sc.freebsd.image or None,
+                               packages_dir=sc.freebsd.packages or None, src=sc.freebsd.src or None,
+                               patches=list(sc.freebsd.patches))
+    print(f"# {sc.name}: FreeBSD {version} dom0 ({how}); {len(steps)} steps, nothing has been run")
+    for i, st in enumerate(steps, 1):
+        print(f"\n{i:2}. [{st['step']}] {st['what']}")
+        for k in ("url", "command", "script", "milestones", "unverified"):
+            if k not in st:
+                continue
+            v = st[k]
+            if k == "command" and isinstance(v, list):
+                print(f"      $ {shlex.join(str(a) for a in v)}")
+            elif isinstance(v, list):
+                print(f"      {k}:")
+                for line in v:
+                    print(f"        {line}")
+            else:
+                print(f"      {k}: {v}")
+    return 0
 
 
 def _print_repeat_summary(records: list[dict]) -> None:

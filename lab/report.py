@@ -80,10 +80,10 @@ def write_record(path: Path, record: dict) -> None:
 def summary_lines(rec: dict) -> list[str]:
     """The few lines a developer reads first."""
     out = [f"{rec['verdict']}  {rec['scenario']}  ({rec.get('wall_s', 0):.0f}s, accel {rec.get('accel', '?')})"]
-    if rec.get("summary"):
-        out.append("  " + rec["summary"])
     if rec["verdict"] == "ERROR":
         out.append(f"  stage {rec.get('stage')}: {rec.get('error', '')}")
+    elif rec.get("summary"):
+        out.append("  " + rec["summary"])
     for w in rec.get("workloads", []):
         r = w.get("result") or {}
         out.append(

@@ -71,6 +71,47 @@ def sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+FREEBSD_FALLBACK_VERSION = "14.3"  # the plan's version when the latest cannot be looked up
+
+
+def freebsd_version(sc: scenario.Scenario, *, online: bool = True) -> tuple[str, str]:
+    """(version, how it was chosen): the scenario's, else the latest 14.x RELEASE
+    from the publisher's index, else a known release for a plan made offline."""
+    from lab import freebsd
+
+    if sc.freebsd.version:
+        return sc.freebsd.version, "from the scenario"
+    if online:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen("https://download.freebsd.org/releases/VM-IMAGES/", timeout=5) as r:
+                return freebsd.latest_release(r.read().decode(errors="replace"), 14), "latest 14.x RELEASE"
+        except (OSError, ValueError, LabError):
+            pass
+    return FREEBSD_FALLBACK_VERSION, "download.freebsd.org unreachable: assumed the latest known 14.x"
+
+
+def freebsd_media_or_error(sc: scenario.Scenario) -> None:
+    """A FreeBSD dom0 needs media that only the user's machine or the internet has.
+    Say at once, in seconds and before anything starts, what is missing and how to
+    supply it. With everything present, say plainly that the FreeBSD boot path is
+    not implemented yet (docs/freebsd.md has the plan: `lab run SCENARIO --plan`)."""
+    from lab import freebsd
+
+    version, how = freebsd_version(sc)
+    missing = freebsd.missing_media(
+        image_file=sc.freebsd.image or None, packages_dir=sc.freebsd.packages or None,
+        cache_dir=images.cache_dir() / "freebsd", version=version)
+    if missing:
+        raise LabError("image", f"FreeBSD {version} dom0 ({how}): media missing on this machine:\n  - "
+                       + "\n  - ".join(missing)
+                       + f"\nSupply them in the scenario's [freebsd] table ({sc.source}), or run on a machine "
+                       "that reaches download.freebsd.org and pkg.freebsd.org. `lab run ... --plan` lists every step.")
+    raise LabError("image", "FreeBSD dom0: the media are present, but provisioning and booting a FreeBSD dom0 "
+                   "is not implemented in this version of the lab (see docs/freebsd.md and `--plan`)")
+
+
 def hang_summary(hang: dict, cause: str, t: float | None) -> str:
     """One line: what stopped, where, and since when."""
     since = f" since t={t:.0f}s of the workload" if t is not None else ""
@@ -255,6 +296,8 @@ class LabRun:
     # ------------------------------------------------------------ images
     def prepare_images(self) -> None:
         self.stage = "image"
+        if self.sc.dom0.os == "freebsd":
+            freebsd_media_or_error(self.sc)
         self.dom0_img = images.ensure_image("linux-dom0", runner=self.l0)
         self.guest_img = images.ensure_image("linux-guest", runner=self.l0)
         self.keys = images.ensure_keys()

@@ -85,7 +85,7 @@ class XenCfg:
 
 @dataclass(frozen=True)
 class Dom0Cfg:
-    os: Literal["linux"] = "linux"
+    os: Literal["linux", "freebsd"] = "linux"
     memory: Size = Size(512 * 1024 * 1024)
     kernel: str = ""  # the user's own dom0 kernel; "" = the image's
     initrd: str = ""  # the user's own dom0 initrd; "" = the lab's small one
@@ -129,6 +129,17 @@ class WorkloadCfg:
     runtime: Duration = Duration(30)
     size: str = ""  # "" = the whole disk
     extra: dict[str, str] = field(default_factory=dict)  # more fio job options
+
+
+@dataclass(frozen=True)
+class FreeBsdCfg:
+    """FreeBSD dom0 media (docs/freebsd.md). Empty paths = download on L0."""
+
+    version: str = ""  # MAJOR.MINOR; "" = the latest 14.x RELEASE
+    image: str = ""  # a VM image file (or a directory with it and CHECKSUM.SHA512)
+    packages: str = ""  # a directory with packagesite.pkg/.yaml and the .pkg files
+    src: str = ""  # a FreeBSD source tree (or src.txz) for a patched kernel
+    patches: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,7 @@ class Scenario:
     workloads: tuple[WorkloadCfg, ...] = ()
     faults: tuple[FaultCfg, ...] = ()
     backend: BackendCfg = BackendCfg()
+    freebsd: FreeBsdCfg = FreeBsdCfg()
     watchdog: WatchdogCfg = WatchdogCfg()
     deadlines: DeadlinesCfg = DeadlinesCfg()
     source: str = field(default="", metadata={"internal": True})
