@@ -130,10 +130,7 @@ def begin(key: str) -> State:
     """A directory to build a new state in (renamed into place by `promote`)."""
     root = states_dir()
     root.mkdir(parents=True, exist_ok=True)
-    for d in root.glob(".*.building-*"):  # left by a run killed hard
-        pid = d.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(d, ignore_errors=True)
+    images._remove_stale_builds(root)  # left by runs killed hard (the same rule as image builds)
     d = root / f".{key}.building-{os.getpid()}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
