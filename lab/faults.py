@@ -63,7 +63,8 @@ def delay_script(b: Backing, delay_ms: int) -> str:
 class FaultRecord:
     cfg: FaultCfg
     planned_at: float
-    started_at: float | None = None  # seconds since the workload started, L0's clock
+    requested_at: float | None = None  # when the lab issued it
+    started_at: float | None = None  # when it was in force (seconds since the workload started, L0's clock)
     ended_at: float | None = None
     error: str | None = None
     log: list[str] = field(default_factory=list)
@@ -72,6 +73,7 @@ class FaultRecord:
         return {
             "kind": self.cfg.kind, "guest": self.cfg.guest or None, "disk": self.cfg.disk if self.cfg.guest else None,
             "planned_at_s": self.planned_at, "duration_s": self.cfg.duration or None,
+            "requested_at_s": None if self.requested_at is None else round(self.requested_at, 2),
             "started_at_s": None if self.started_at is None else round(self.started_at, 2),
             "ended_at_s": None if self.ended_at is None else round(self.ended_at, 2),
             "error": self.error,
@@ -130,7 +132,7 @@ class Injector(threading.Thread):
 
     def _apply(self, rec: FaultRecord) -> None:
         f = rec.cfg
-        t = self.now()
+        t = rec.requested_at = self.now()
         log.info("fault %s on %s/%s at %.1fs", f.kind, f.guest, f.disk, t)
         if f.kind == "pause-l1":
             try:

@@ -53,13 +53,13 @@ def test_stall_recovers_is_a_pass_with_the_stall_in_the_series(results: Path) ->
     rec = _run("stall-recovers", results)
     assert rec["verdict"] == "PASS", rec.get("summary")
     f = rec["faults"][0]
-    assert f["ended_at_s"] - f["started_at_s"] >= 7
+    assert f["ended_at_s"] - f["started_at_s"] >= 6
     rows = [r for r in csv.DictReader(open(Path(rec["results_dir"]) / "counters.csv")) if r["source"] == "guest"]
     # the guest's completed count stood still for most of the stall, with I/O in flight
     still = [float(r["t"]) for a, r in zip(rows, rows[1:], strict=False)
              if r["completed"] == a["completed"] and int(r["inflight"]) > 0
              and f["started_at_s"] <= float(r["t"]) <= f["ended_at_s"] + 1]
-    assert len(still) >= 5, still
+    assert len(still) >= 4, still
 
 
 @pytest.mark.nightly
