@@ -25,6 +25,8 @@ def parse_block_stat(text: str | None) -> dict[str, int] | None:
         "flushes": get(_FLUSHES),
         "completed": n[_READS] + n[_WRITES] + get(_DISCARDS) + get(_FLUSHES),
         "inflight": n[_INFLIGHT],
+        "sectors_read": n[_READS + 2],
+        "sectors_written": n[_WRITES + 2],
     }
 
 

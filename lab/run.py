@@ -715,7 +715,7 @@ class LabRun:
             k = not_drained[0]
             d = drains[k]
             why = ("requests still in flight" if (d.guest_inflight or d.backing_inflight)
-                   else f"backend took {d.backend_taken} requests, guest completed {d.guest_completed}")
+                   else "; ".join(d.mismatches) or "no samples after the workload")
             self.record.update(verdict="HANG", stage="drain",
                                summary=f"{k} did not drain within {wd.drain_window:.0f}s: {why}")
             self.record["hang"] = {"disk": k, "cause": "never drained", **d.as_dict()}
@@ -851,7 +851,7 @@ class LabRun:
                     st = parse_block_stat(v)
                     if st is not None:
                         with self.lock:
-                            tr.guest_pts.append(GuestPoint(t, st["completed"], st["inflight"], st["flushes"]))
+                            tr.guest_pts.append(GuestPoint(t, st["completed"], st["inflight"], st["flushes"], st))
 
             runner = g.runner
             self.samplers.append(Sampler(name, lambda r=runner, p=paths: r.stream(["lab-sample", iv, *p], timeout=long),

@@ -164,6 +164,7 @@ def test_parse_block_stat_shall_follow_the_kernel_field_layout_on_every_sample()
             "reads": f["read_ios"], "writes": f["write_ios"], "discards": f["discard_ios"],
             "flushes": f["flush_ios"], "inflight": f["in_flight"],
             "completed": f["read_ios"] + f["write_ios"] + f["discard_ios"] + f["flush_ios"],
+            "sectors_read": f["read_sectors"], "sectors_written": f["write_sectors"],
         }
 
 
@@ -183,11 +184,13 @@ def test_parse_block_stat_shall_give_the_counters_csv_series() -> None:
     ("text", "expected"),
     [
         ("1 2 3 4 5 6 7 8 9 10 11", {"reads": 1, "writes": 5, "discards": 0, "flushes": 0, "completed": 6,
-                                     "inflight": 9}),  # before 4.18: no discard or flush fields
+                                     "inflight": 9, "sectors_read": 3, "sectors_written": 7}),  # before 4.18
         ("1 2 3 4 5 6 7 8 9 10 11 12 13 14 15", {"reads": 1, "writes": 5, "discards": 12, "flushes": 0,
-                                                 "completed": 18, "inflight": 9}),
-        ("  1 0 0 0  2 0 0 0 3 0 0  4 0 0 0  5 0 \n", {"reads": 1, "writes": 2, "discards": 4, "flushes": 5,
-                                                     "completed": 12, "inflight": 3}),
+                                                 "completed": 18, "inflight": 9, "sectors_read": 3,
+                                                 "sectors_written": 7}),
+        ("  1 0 7 0  2 0 8 0 3 0 0  4 0 0 0  5 0 \n", {"reads": 1, "writes": 2, "discards": 4, "flushes": 5,
+                                                     "completed": 12, "inflight": 3, "sectors_read": 7,
+                                                     "sectors_written": 8}),
     ],
 )
 def test_parse_block_stat_shall_read_older_and_newer_layouts(text: str, expected: dict) -> None:

@@ -352,17 +352,38 @@ def test_sampler_stop_shall_end_the_thread() -> None:
     assert not s.is_alive()
 
 
-def test_drain_with_flushes_shall_accept_folded_flushes_and_reject_lost_requests() -> None:
-    """Figures from a real flush-storm run: the guest completed 13,914 data requests
-    and 22,420 flush requests; blkback took 22,483 (13,914 data + 8,569 f_req)."""
+def test_drain_with_flushes_shall_compare_what_requests_carry() -> None:
+    """Figures from a real flush-storm run (fio randwrite 4k, fsync=1): the guest
+    counted 28,288 writes (each fsync's empty PREFLUSH bio is one) and 8,740 flushes;
+    blkback took 14,122 wr_req and 8,740 f_req; 112,976 sectors written on both sides."""
     from lab.watchdog import BackendPoint, GuestPoint, Track, check_drain
 
-    def drain(taken: int) -> bool:
+    def drain(**backend: int) -> tuple[bool, list[str]]:
         tr = Track("lin1", "xvdb", "vbd-1-51728", 32)
-        tr.guest_pts.append(GuestPoint(40.0, 13914 + 22420, 0, 22420))
-        tr.backend_pts.append(BackendPoint(40.0, {"taken": taken, "backing_inflight": 0}))
-        return check_drain(tr, 39.0).drained
+        stat = {"reads": 54, "writes": 28288, "discards": 0, "flushes": 8740, "sectors_read": 2112,
+                "sectors_written": 112976}
+        tr.guest_pts.append(GuestPoint(40.0, 54 + 28288 + 8740, 0, 8740, stat))
+        b = {"rd_req": 54, "wr_req": 14122, "f_req": 8740, "ds_req": 0, "rd_sect": 2112, "wr_sect": 112976,
+             "backing_inflight": 0}
+        b.update(backend)
+        b["taken"] = b["rd_req"] + b["wr_req"] + b["f_req"] + b["ds_req"]
+        tr.backend_pts.append(BackendPoint(40.0, b))
+        d = check_drain(tr, 39.0)
+        return d.drained, list(d.mismatches)
 
-    assert drain(22483)
-    assert not drain(13913)  # a data request the backend never took
-    assert not drain(13914 + 22420 + 1)  # more than the guest ever sent
+    assert drain() == (True, [])
+    ok, why = drain(wr_req=14121, wr_sect=112968)  # one 4 KiB write the backend never took
+    assert not ok and any("sectors written" in w for w in why)
+    ok, why = drain(f_req=8739)  # a flush lost
+    assert not ok and any("flushes" in w for w in why)
+
+
+def test_drain_without_flushes_shall_need_equal_totals() -> None:
+    from lab.watchdog import BackendPoint, GuestPoint, Track, check_drain
+
+    tr = Track("lin1", "xvdb", "vbd-1-51728", 32)
+    stat = {"reads": 10, "writes": 5, "discards": 0, "flushes": 0, "sectors_read": 80, "sectors_written": 40}
+    tr.guest_pts.append(GuestPoint(1.0, 15, 0, 0, stat))
+    tr.backend_pts.append(BackendPoint(1.0, {"taken": 14, "wr_req": 5, "backing_inflight": 0}))
+    d = check_drain(tr, 0.5)
+    assert not d.drained and d.mismatches == ("guest completed 15 != backend took 14",)
