@@ -77,7 +77,8 @@ def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, re
     if git(repo, "status", "--porcelain", "--untracked-files=no"):
         raise LabError("bisect", f"{repo} has uncommitted changes: commit or stash them first")
     good_sha, bad_sha = git(repo, "rev-parse", good), git(repo, "rev-parse", bad)
-    out = results_root / "bisect" / report.utc_stamp()
+    # absolute: `git bisect run` runs each step in the repository's top directory
+    out = (results_root / "bisect" / report.utc_stamp()).resolve()
     out.mkdir(parents=True)
     t0 = time.monotonic()
     result: dict = {"scenario": sc.name, "repo": str(repo), "good": good_sha, "bad": bad_sha, "runs": runs,
@@ -85,7 +86,7 @@ def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, re
     orig = git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False) or git(repo, "rev-parse", "HEAD")
     try:
         git(repo, "bisect", "start", bad_sha, good_sha)
-        argv = [sys.executable, "-m", "lab.bisect", "step", "--scenario", sc.source or scenario_spec,
+        argv = [sys.executable, "-m", "lab.bisect", "step", "--scenario", str(Path(sc.source).resolve()),
                 "--repo", str(repo), "--out", str(out)]
         if accel:
             argv += ["--accel", accel]
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--accel")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # refused channels while a guest boots
     try:
         sc = scenario.load(args.scenario)
         return run_step(sc, args.repo.resolve(), args.out, accel=args.accel)["code"]
