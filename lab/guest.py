@@ -38,7 +38,8 @@ class LinuxGuest:
         self.r = runner
         self.timeout = timeout
 
-    def disk_device(self, vdev: str) -> str:
+    @staticmethod
+    def disk_device(vdev: str) -> str:
         return f"/dev/{vdev}"
 
     def stat_paths(self, vdev: str) -> list[str]:

@@ -621,7 +621,7 @@ class LabRun:
             tr = Track(w.guest, w.disk, info.sysfs_name, info.ring_capacity)
             self.tracks.append(tr)
             jobs.append((w, g, tr))
-            job = workload.fio_job(w, GUEST_CLASSES[g.cfg.os].disk_device(None, w.disk))  # type: ignore[arg-type]
+            job = workload.fio_job(w, GUEST_CLASSES[g.cfg.os].disk_device(w.disk))
             (self.results / f"fio-{i}.job").write_text(job)
             assert g.runner is not None
             g.runner.run(["sh", "-c", f"cat > /run/lab/fio-{i}.job"], timeout=dl.command, input=job).check("workload")
