@@ -10,8 +10,10 @@ import os
 import select
 import shlex
 import shutil
+import signal
 import sys
 import termios
+import threading
 import tty
 from pathlib import Path
 
@@ -80,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps that:
+    # `kill -INT` (what a CI harness sends) must still tear the lab down.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
