@@ -1,8 +1,9 @@
 """Fault injection on the real stack, timed from the workload's start.
 
-Disk faults act on the dm device in dom0 that backs a guest's test disk (the
-guest's configuration never changes): `stall` suspends it, `delay` swaps in a
-dm-delay table, `error` a dm error table. `pause-l1` freezes the whole Xen VM from
+Disk faults act on the device in dom0 that backs a guest's test disk (the
+guest's configuration never changes), through the dom0 class's scripts. Linux:
+`stall` suspends the dm device, `delay` puts dm-delay under it, `error` swaps in
+a dm error table. FreeBSD: `gnop configure` delays or fails requests. `pause-l1` freezes the whole Xen VM from
 L0 with the QEMU monitor. Every fault records when it really started and ended,
 and is released before teardown (a suspended device would leave a dying domain)."""
 
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lab.dom0 import Backing
 from lab.runner import Result, Runner
@@ -59,6 +61,13 @@ def delay_script(b: Backing, delay_ms: int) -> str:
     )
 
 
+class FaultScripts(Protocol):
+    """What a dom0 class gives the injector (dom0.LinuxDom0, dom0.FreeBsdDom0)."""
+
+    def fault_script(self, kind: str, b: Backing, *, delay_ms: int = 0) -> str: ...
+    def release_scripts(self, kind: str, b: Backing) -> list[str]: ...
+
+
 @dataclass
 class FaultRecord:
     cfg: FaultCfg
@@ -89,6 +98,7 @@ class Injector(threading.Thread):
         *,
         dom0: Runner,
         backing: Callable[[str, str], Backing],
+        scripts: FaultScripts | None = None,
         pause_l1: Callable[[], None],
         resume_l1: Callable[[], None],
         t0: float,
@@ -96,6 +106,11 @@ class Injector(threading.Thread):
         super().__init__(name="faults", daemon=True)
         self.dom0 = dom0
         self.backing = backing
+        if scripts is None:
+            from lab.dom0 import LinuxDom0
+
+            scripts = LinuxDom0(dom0, timeout=30)
+        self.scripts = scripts
         self.pause_l1 = pause_l1
         self.resume_l1 = resume_l1
         self.t0 = t0
@@ -142,12 +157,7 @@ class Injector(threading.Thread):
                 rec.error = f"{type(e).__name__}: {e}"
             return
         b = self.backing(f.guest, f.disk)
-        if f.kind == "stall":
-            res = self._dm(rec, f"dmsetup suspend --noudevsync {b.name}")
-        elif f.kind == "delay":
-            res = self._dm(rec, delay_script(b, round(f.delay * 1000)))
-        else:
-            res = self._dm(rec, swap_table_script(b, dm_table("error", b)))
+        res = self._dm(rec, self.scripts.fault_script(f.kind, b, delay_ms=round(f.delay * 1000)))
         # in force from the moment the command returned (a suspend first waits for
         # the I/O already in flight to complete)
         if res.ok:
@@ -160,13 +170,9 @@ class Injector(threading.Thread):
         t = self.now()
         if f.kind == "pause-l1":
             self.resume_l1()
-        elif f.kind == "stall":
-            self._dm(rec, f"dmsetup resume --noudevsync {self.backing(f.guest, f.disk).name}")
         else:
-            b = self.backing(f.guest, f.disk)
-            self._dm(rec, swap_table_script(b, dm_table("linear", b)))
-            if f.kind == "delay":
-                self._dm(rec, f"dmsetup remove --noudevsync {b.name}-delay")
+            for script in self.scripts.release_scripts(f.kind, self.backing(f.guest, f.disk)):
+                self._dm(rec, script)
         rec.ended_at = t
         log.info("fault %s released at %.1fs", f.kind, t)
 

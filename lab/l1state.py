@@ -45,6 +45,7 @@ class Slot:
     serial: str
     base: Path | None = None
     size: int = 0
+    base_fmt: str = "raw"  # the lab's Debian images are raw; a FreeBSD dom0 image is qcow2
 
 
 def states_dir() -> Path:
@@ -144,7 +145,7 @@ def create_disks(where: State | Path, slots: list[Slot]) -> list[Path]:
     for s in slots:
         p = where.disk(s) if isinstance(where, State) else where / f"{s.name}.qcow2"
         if s.base is not None:
-            qemu.create_overlay(s.base, p)
+            qemu.create_overlay(s.base, p, base_fmt=s.base_fmt)
         else:
             qemu.create_disk(p, s.size)
         out.append(p)

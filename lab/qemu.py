@@ -66,6 +66,7 @@ class Drive:
     serial: str  # how dom0 finds the disk: /sys/block/vdX/serial
     fmt: str = "qcow2"
     readonly: bool = False
+    boot: bool = False  # the firmware boots this disk (a FreeBSD dom0: its loader starts Xen)
 
 
 def drive_args(drives: list[Drive]) -> list[str]:
@@ -74,9 +75,10 @@ def drive_args(drives: list[Drive]) -> list[str]:
     argv: list[str] = []
     for i, d in enumerate(drives):
         ro = ",readonly=on" if d.readonly else ""
+        boot = ",bootindex=0" if d.boot else ""
         argv += [
             "-drive", f"file={d.path},if=none,id=d{i},format={d.fmt},cache=unsafe,discard=unmap{ro}",
-            "-device", f"virtio-blk-pci,drive=d{i},serial={d.serial}",
+            "-device", f"virtio-blk-pci,drive=d{i},serial={d.serial}{boot}",
         ]
     return argv
 
@@ -103,7 +105,7 @@ class VmSpec:
     accel: str
     cpus: int
     memory_mib: int
-    xen: Path
+    xen: Path | None  # None: no -kernel, the firmware boots the Drive marked `boot`
     xen_cmdline: str
     modules: list[tuple[Path, str]]
     drives: list[Drive]
@@ -112,6 +114,7 @@ class VmSpec:
     qmp_sock: Path
     cpu_model: str = ""
     extra: list[str] = field(default_factory=list)
+    network: bool = True  # False: no NIC at all (FreeBSD's provisioning and kernel-build VMs)
 
 
 def build_argv(spec: VmSpec) -> list[str]:
@@ -120,9 +123,9 @@ def build_argv(spec: VmSpec) -> list[str]:
         *machine_args(),
         *accel_args(spec.accel, spec.cpu_model),
         *smp_mem_args(spec.cpus, spec.memory_mib),
-        *multiboot_args(xen=spec.xen, xen_cmdline=spec.xen_cmdline, modules=spec.modules),
+        *(multiboot_args(xen=spec.xen, xen_cmdline=spec.xen_cmdline, modules=spec.modules) if spec.xen else []),
         *drive_args(spec.drives),
-        *net_args(spec.ssh_port),
+        *(net_args(spec.ssh_port) if spec.network else []),
         *serial_args(spec.console_log),
         *qmp_args(spec.qmp_sock),
         *spec.extra,
