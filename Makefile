@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap dmsetup e2fsprogs python3-venv git ca-certificates \
-                make gcc patch xz-utils binutils
+                make gcc patch xz-utils binutils genisoimage zstd
 STAMP := $(VENV)/.installed
 
 .PHONY: deps venv images test test-unit test-e2e test-e2e-all bench lint clean

@@ -163,11 +163,15 @@ def _print_plan(sc: scenario.Scenario) -> int:
     print(f"# {sc.name}: FreeBSD {version} dom0 ({how}); {len(steps)} steps, nothing has been run")
     for i, st in enumerate(steps, 1):
         print(f"\n{i:2}. [{st['step']}] {st['what']}")
-        for k in ("url", "command", "script", "milestones", "unverified"):
+        for k in ("url", "path", "command", "then", "script", "milestones", "fails_on", "unverified"):
             if k not in st:
                 continue
             v = st[k]
-            if k == "command" and isinstance(v, list):
+            if k in ("command", "then") and isinstance(v, list):
+                print(f"      {'$' if k == 'command' else 'then $'} {shlex.join(str(a) for a in v)}")
+            elif k == "then":
+                print(f"      then: {v}")
+            elif k == "command" and isinstance(v, list):
                 print(f"      $ {shlex.join(str(a) for a in v)}")
             elif isinstance(v, list):
                 print(f"      {k}:")

@@ -506,11 +506,14 @@ def repo_cache_sub(repo_url: str) -> str:
     return "freebsd/pkg/" + urllib.parse.urlsplit(repo_url).path.strip("/").replace(":", "_")
 
 
-def decompress_image(xz_path: Path, *, timeout: float = 1800) -> Path:
-    """`xz -dc` into <name without .xz>.part, renamed when xz succeeded."""
+def decompress_image(xz_path: Path, *, out_dir: Path | None = None, timeout: float = 1800) -> Path:
+    """`xz -dc` into <out_dir>/<name without .xz>.part, renamed when xz succeeded
+    and made read-only: the base of every overlay, never written by a run. The
+    user's own files are only read (out_dir: the cache, not their directory)."""
     if xz_path.suffix != ".xz":
         return xz_path
-    out = xz_path.with_suffix("")
+    out = (out_dir or xz_path.parent) / xz_path.with_suffix("").name
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and out.stat().st_mtime >= xz_path.stat().st_mtime:
         return out
     part = out.with_name(out.name + ".part")
@@ -520,6 +523,7 @@ def decompress_image(xz_path: Path, *, timeout: float = 1800) -> Path:
     if res.returncode != 0:
         part.unlink(missing_ok=True)
         raise _media(f"xz could not decompress {xz_path}: {res.stderr.decode(errors='replace').strip()}")
+    part.chmod(0o444)
     os.replace(part, out)
     return out
 
@@ -653,7 +657,8 @@ def provision_script(*, packages_dir: str) -> list[str]:
         " && rm /etc/ssh/lab_root_keys || fail 'root authorized_keys'",
         "sysrc xencommons_enable=yes sshd_enable=yes lab_ready_enable=yes || fail sysrc",
         # guests' bridge (dom0 only, as on the Linux dom0) and QEMU's user network, static
-        "sysrc cloned_interfaces=bridge0 ifconfig_bridge0='inet 10.99.0.1/24 up' "
+        # renamed xenbr0: the xl template's vif names that bridge on both dom0 OSes
+        "sysrc cloned_interfaces=bridge0 ifconfig_bridge0_name=xenbr0 ifconfig_xenbr0='inet 10.99.0.1/24 up' "
         "ifconfig_vtnet0='inet 10.0.2.15/24' defaultrouter=10.0.2.2 || fail sysrc",
         "echo 'lab-provision: done'",
     ]
@@ -717,12 +722,16 @@ def cidata_argv(staging: Path, iso: Path) -> list[str]:
     return ["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(staging)]
 
 
-def build_script(*, patches: Sequence[str], kernconf: str = "GENERIC", ident: str) -> list[str]:
+def build_script(*, patches: Sequence[str], kernconf: str = "GENERIC", ident: str,
+                 src_root: str = "/usr/src") -> list[str]:
     """The kernel-build VM's runcmd: unpack the source tree from the raw disk with
     serial lab-src (a plain tar stream), apply the patches from the config disk,
     build, and install into the dom0 image (disk serial lab-dom0), then power off.
     `ident` (the tree hash) is written beside the kernel so the dom0 can prove
-    which build it booted."""
+    which build it booted. `src_root`: where the tar stream unpacks (/usr/src for
+    a tree; / for the release's src.txz, whose members are usr/src/...)."""
+    if src_root not in ("/", "/usr/src"):
+        raise LabError("backend", f"src_root {src_root!r}: '/' or '/usr/src'")
     kc = _safe_rel(kernconf, "KERNCONF")
     if not re.fullmatch(r"[\w.{}-]+", ident):
         raise LabError("backend", f"kernel ident {ident!r}: letters, digits, '._-' only")
@@ -733,9 +742,16 @@ def build_script(*, patches: Sequence[str], kernconf: str = "GENERIC", ident: st
         # disks by serial (diskinfo -s prints a disk's ident), not by probe order
         "disk() { for d in /dev/vtbd[0-9] /dev/vtbd[0-9][0-9]; do [ -e \"$d\" ] || continue; "
         "[ \"$(diskinfo -s \"$d\" 2>/dev/null)\" = \"$1\" ] && { echo \"$d\"; return 0; }; done; return 1; }",
+        # the builder and the dom0 image carry the same GPT labels (gpt/rootfs): make
+        # sure / came from the builder's own disk, never write the other way round
+        "rootfs=$(mount -p | awk '$2 == \"/\" { print $1 }')",  # /dev/gpt/rootfs, or a partition
+        "prov=$(glabel status -s | awk -v l=\"${rootfs#/dev/}\" '$1 == l { print $3 }')",
+        "prov=${prov:-${rootfs#/dev/}}",
+        "[ \"$(diskinfo -s \"/dev/${prov%p[0-9]*}\" 2>/dev/null)\" = lab-root ] "
+        "|| fail \"/ is mounted from $prov, not the builder's disk (duplicate gpt/rootfs label)\"",
         f"src=$(disk {SRC_SERIAL}) || fail 'no source disk'",
         f"target=$(disk {TARGET_SERIAL}) || fail 'no dom0 disk'",
-        "mkdir -p /usr/src && tar -xf \"$src\" -C /usr/src || fail 'unpacking the source tree'",
+        f"mkdir -p /usr/src && tar -xf \"$src\" -C {src_root} || fail 'unpacking the source tree'",
         f"mkdir -p {CIDATA_MOUNT} && mount -t cd9660 /dev/iso9660/cidata {CIDATA_MOUNT} || fail 'config disk'",
     ]
     for i, p in enumerate(patches):
@@ -922,6 +938,8 @@ def plan_steps(*, version: str, arch: str, image_file: str | None, packages_dir:
     image CHECKSUM.SHA512 names at run time (pick_vm_image), never a fixed name."""
     _split_version(version)
     work = f"$CACHE/{image_cache_sub(version, arch)}"
+    dom0dir = "$CACHE/freebsd/dom0"
+    tmp = f"{dom0dir}/.{{key}}.{{pid}}"  # the provisioning's work directory
     repo = pkg_repo_base(version, arch)
     steps: list[dict] = []
 
@@ -953,62 +971,57 @@ def plan_steps(*, version: str, arch: str, image_file: str | None, packages_dir:
         add("packages", f"resolve {', '.join(DOM0_PACKAGES)} with their dependencies (deps first) and download "
             "each, verified by sha256", url=repo + "{repopath}", wanted=list(DOM0_PACKAGES))
     add("cidata", "make the config disk: user-data, meta-data, packages/ with ORDER",
-        command=cidata_argv(Path(f"{work}/cidata"), Path(f"{work}/cidata.iso")),
+        command=cidata_argv(Path(f"{tmp}/cidata"), Path(f"{tmp}/cidata.iso")),
         why="nuageinit finds /dev/iso9660/cidata; label case kept; no size to guess (see cidata_argv)")
-    add("overlay", "a writable copy of the base for provisioning, grown (growfs runs on first boot)",
-        command=["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", f"{work}/{{name without .xz}}",
-                 f"{work}/provision.qcow2", "16G"])
-    add("provision", "boot the image under QEMU without Xen; nuageinit installs the packages offline from "
-        "the config disk, writes loader.conf and the rest, then powers off",
-        command=_qemu_argv(f"{work}/provision.qcow2", f"{work}/cidata.iso", xen=False),
+    add("overlay", "a writable overlay on the read-only base for provisioning, grown (growfs runs on first boot)",
+        command=["qemu-img", "create", "-q", "-f", "qcow2", "-F", "{qcow2 or raw}", "-b",
+                 f"{work}/{{name without .xz}}", f"{tmp}/provision.qcow2"],
+        then=["qemu-img", "resize", "-q", f"{tmp}/provision.qcow2", "16G"])
+    add("provision", "boot the image under QEMU without Xen and without a NIC; nuageinit installs the packages "
+        "offline from the config disk, writes loader.conf and the rest, then powers off",
+        command=_qemu_argv(f"{tmp}/provision.qcow2", f"{tmp}/cidata.iso", xen=False),
         milestones=[FREEBSD_LOADER.what, FREEBSD_KERNEL.what, PROVISIONED.what, "QEMU to exit (poweroff)"],
         fails_on="lab-provision: FATAL: ...")
-    add("flatten", "the provisioned dom0 image, cached by the hash of its inputs",
-        command=["qemu-img", "convert", "-O", "qcow2", f"{work}/provision.qcow2", f"{work}/dom0-{{hash}}.qcow2"])
+    add("flatten", "the provisioned dom0 image, read-only, cached by the hash of its inputs (image, packages, "
+        "rendered user-data); the work directory is renamed into place only when complete",
+        command=["qemu-img", "convert", "-O", "qcow2", f"{tmp}/provision.qcow2", f"{tmp}/dom0.qcow2"],
+        then=["mv", tmp, f"{dom0dir}/{{key}}"])
     if src:
         # Built natively in a plain FreeBSD VM from the same image, not cross-built on
         # Linux with tools/build/make.py: the native build uses the release's own
         # toolchain (the kernel FreeBSD itself would produce, no second LLVM to keep in
         # step), and installing into the dom0's UFS needs a FreeBSD kernel anyway
         # (Linux has no dependable UFS2 write support), so the VM is needed either way.
-        add("source", "the source tree as a raw disk holding one tar stream (no network, no UFS tools on L0)",
-            command=["tar", "-C", src, "--exclude=.git", "-cf", f"{work}/src-{{hash}}.tar", "."])
-        add("build", "boot a plain FreeBSD VM from the same image: unpack, patch, make kernel-toolchain + "
-            "buildkernel KERNCONF=GENERIC, installkernel DESTDIR= into the dom0 image, power off",
-            command=_qemu_argv(f"{work}/builder.qcow2", f"{work}/cidata-build.iso", xen=False,
-                               extra=[(f"{work}/src-{{hash}}.tar", SRC_SERIAL, "raw", True),
-                                      (f"{work}/dom0-{{hash}}.qcow2", TARGET_SERIAL, "qcow2", False)]),
-            script=build_script(patches=patches, ident="{hash}"), patches=list(patches),
-            rebuild="the builder disk is kept per tree: later builds add -DKERNFAST (no clean, no config)",
-            milestones=[FREEBSD_KERNEL.what, KERNEL_BUILT.what, "QEMU to exit (poweroff)"],
+        ktmp = f"{dom0dir}/.{{key}}-k{{tree hash}}.{{pid}}"
+        txz = Path(src).is_file()
+        add("source", "the source tree as a raw disk holding one tar stream (no network, no UFS tools on L0); "
+            "hashed (sys/ + patches + KERNCONF) first: an unchanged tree is not rebuilt",
+            command=["cp", src, f"{ktmp}/src.txz", "(then zero-padded to whole 512-byte sectors)"] if txz else
+            ["tar", "-C", src, "--exclude=.git", "-cf", f"{ktmp}/src.tar", "."])
+        add("build", "boot a plain FreeBSD VM from the release image (overlay grown to 40G, no NIC): unpack, "
+            "patch, make kernel-toolchain + buildkernel, installkernel DESTDIR= into an overlay of the dom0 "
+            "image, write the tree hash to /boot/kernel/xen-blklab.id, power off; then flatten as above",
+            command=_qemu_argv(f"{ktmp}/builder.qcow2", f"{ktmp}/cidata.iso", xen=False, memory_mib=4096,
+                               extra=[(src if txz else f"{ktmp}/src.tar", SRC_SERIAL, "raw", True),
+                                      (f"{ktmp}/target.qcow2", TARGET_SERIAL, "qcow2", False)]),
+            script=build_script(patches=patches, ident="{hash}", src_root="/" if txz else "/usr/src"),
+            patches=list(patches),
+            milestones=[FREEBSD_LOADER.what, FREEBSD_KERNEL.what, KERNEL_BUILT.what, "QEMU to exit (poweroff)"],
             fails_on="lab-build: FATAL: ...")
     else:
         add("kernel", "the release's GENERIC kernel (blkback is built in): no build")
-    add("boot", "boot the dom0 image under QEMU: FreeBSD's loader loads Xen (xen_kernel) and FreeBSD as PVH dom0",
-        command=_qemu_argv("$RUN/dom0-overlay.qcow2", None, xen=True),
+    add("boot", "boot the dom0 image under QEMU: FreeBSD's loader loads Xen (xen_kernel) and FreeBSD as PVH "
+        "dom0 (plus, as on a Linux dom0, each guest's disks and the read-only disk with the guests' kernels)",
+        command=_qemu_argv("$RUN/dom0-root.qcow2", None, xen=True, memory_mib=2048),
         unverified="TCG with -cpu qemu64,+svm,+npt for a PVH dom0 (SVM+NPT emulation) has not been run here",
         milestones=[FREEBSD_LOADER.what, console.XEN_BANNER.what, XEN_PVH_DOM0.what, FREEBSD_KERNEL.what,
-                    console.DOM0_INIT.what, "dom0 SSH"])
-    add("sample", "per vbd: `sysctl dev.xbbd.<unit>` once a second; verdict rules in xbbd_check",
-        command=["sysctl", "dev.xbbd"])
+                    console.DOM0_INIT.what, "dom0 SSH"],
+        then="the booted kernel's /boot/kernel/xen-blklab.id must equal the tree hash (or be absent for the "
+             "release's kernel), else ERROR at stage backend")
+    add("sample", "one long-lived sampler in dom0 over SSH: `sysctl dev.xbbd` every interval, the units "
+        "serving the test disks picked by xenstore_path; verdict rules in xbbd_check",
+        command=["sh", "-c", "<dom0.XBBD_SAMPLER>", "lab-xbbd-sample", "1", "vbd/{domid}/{devid}"])
     return steps
-
-
-def _qemu_argv(disk: str, cidata: str | None, *, xen: bool,
-               extra: Sequence[tuple[str, str, str, bool]] = ()) -> list[str]:
-    """The QEMU command of a FreeBSD VM, from the lab's own argv builders. No
-    -kernel: the image's loader boots (and, with Xen, loads Xen itself). The
-    provisioning and build VMs get no network at all: they need none."""
-    drives = [qemu.Drive(Path(disk), "lab-root")]
-    drives += [qemu.Drive(Path(p), serial, fmt, ro) for p, serial, fmt, ro in extra]
-    if cidata:  # the ISO as a read-only virtio disk: geom_label finds its cidata label on any provider
-        drives.append(qemu.Drive(Path(cidata), "lab-cidata", "raw", True))
-    return [
-        qemu.QEMU, *qemu.machine_args(), *qemu.accel_args("tcg"),
-        *qemu.smp_mem_args(2, 2048 if xen else 3072), *qemu.drive_args(drives),
-        *([a.replace(":0-:22", ":$PORT-:22") for a in qemu.net_args(0)] if xen else []),
-        *qemu.serial_args(Path("$RUN/console.log")),
-    ]
 
 
 # ---------------------------------------------------------- missing media
@@ -1111,3 +1124,315 @@ def _missing_pkg_files(d: Path) -> list[str]:
     return [f"FreeBSD packages in {d}: {len(absent)} file(s) the catalogue requires are absent: "
             + ", ".join(absent)]
 
+
+
+# ------------------------------------------------------------ running it
+# What `lab run` does with the pieces above (run.py calls these): the dom0 base
+# image, provisioned once and cached by the hash of everything that went into it;
+# optionally a kernel built from the user's tree and installed into a copy of it.
+PROVISION_FORMAT = 1  # bump when the provisioning changes in a way the inputs do not show
+
+
+@dataclass(frozen=True)
+class Dom0Image:
+    path: Path  # read-only qcow2: the dom0's disk, booted through FreeBSD's loader
+    key: str
+    version: str
+    kernel_id: str | None  # the source tree's hash when the kernel was built from it
+    manifest: dict
+
+
+def vm_spec(drives: Sequence[qemu.Drive], *, console_log: Path, qmp_sock: Path, accel: str, cpus: int,
+            memory_mib: int, ssh_port: int | None, cpu_model: str = "") -> qemu.VmSpec:
+    """A FreeBSD VM from the lab's own argv builders. No -kernel: the firmware
+    boots the first drive, whose loader (with Xen, via xen_kernel) takes over. The
+    provisioning and build VMs get no network at all (ssh_port None)."""
+    first = qemu.Drive(drives[0].path, drives[0].serial, drives[0].fmt, drives[0].readonly, boot=True)
+    return qemu.VmSpec(accel=accel, cpus=cpus, memory_mib=memory_mib, xen=None, xen_cmdline="", modules=[],
+                       drives=[first, *drives[1:]], ssh_port=ssh_port or 0, console_log=console_log,
+                       qmp_sock=qmp_sock, cpu_model=cpu_model, network=ssh_port is not None)
+
+
+def _qemu_argv(disk: str, cidata: str | None, *, xen: bool, memory_mib: int = 3072,
+               extra: Sequence[tuple[str, str, str, bool]] = ()) -> list[str]:
+    """The plan's QEMU command (placeholders for per-run paths and the port)."""
+    drives = [qemu.Drive(Path(disk), "lab-dom0-root" if xen else "lab-root")]
+    drives += [qemu.Drive(Path(p), serial, fmt, ro) for p, serial, fmt, ro in extra]
+    if cidata:  # the ISO as a read-only virtio disk: geom_label finds its cidata label on any provider
+        drives.append(qemu.Drive(Path(cidata), "lab-cidata", "raw", True))
+    spec = vm_spec(drives, console_log=Path("$RUN/console.log"), qmp_sock=Path("$RUN/qmp.sock"), accel="tcg",
+                   cpus=2, memory_mib=memory_mib, ssh_port=1 if xen else None)
+    return [a.replace("127.0.0.1:1-", "127.0.0.1:$PORT-") for a in qemu.build_argv(spec)]
+
+
+def nested_kvm_problem(read: Callable[[str], str | None] | None = None) -> str | None:
+    """Under KVM a PVH dom0 needs the host to pass VMX/SVM through (nested): say
+    so before booting instead of letting Xen fail to start its dom0."""
+    def _read(path: str) -> str | None:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    read = read or _read
+    seen = False
+    for mod in ("kvm_intel", "kvm_amd"):
+        v = read(f"/sys/module/{mod}/parameters/nested")
+        if v is None:
+            continue
+        seen = True
+        if v in ("Y", "y", "1"):
+            return None
+    if not seen:
+        return "KVM is not loaded (no /sys/module/kvm_intel or kvm_amd): use --accel tcg"
+    return ("nested virtualisation is disabled on this host (/sys/module/kvm_*/parameters/nested is N), and a "
+            "FreeBSD dom0 is PVH: it needs VMX/SVM inside the Xen VM. Enable it (modprobe -r kvm_intel; "
+            "modprobe kvm_intel nested=1, or kvm_amd) or run with --accel tcg")
+
+
+def image_format(path: Path) -> str:
+    return "raw" if path.suffix == ".raw" else "qcow2"
+
+
+def run_vm(name: str, spec: qemu.VmSpec, results: Path, steps: Sequence[tuple[console.Milestone, float]],
+           *, stage: str, exit_timeout: float = 180) -> dict[str, float]:
+    """Boot a VM without Xen that does one job and powers off: wait for each
+    milestone in turn (each with its own deadline), then for QEMU to exit. The VM
+    is killed whatever happens. Returns when each milestone came (s since start)."""
+    from lab.timing import Deadline
+
+    t0 = __import__("time").monotonic()
+    con = console.Console(spec.console_log, f"FreeBSD {name}")
+    vm = qemu.start(spec, results / f"qemu-{name}-stderr.log")
+    reached: dict[str, float] = {}
+    try:
+        for m, seconds in steps:
+            try:
+                con.wait_for(m, Deadline(seconds), alive=vm.alive)
+            except LabError as e:
+                got = ", ".join(reached) or "none"
+                raise LabError(stage, f"FreeBSD {name} VM: {e.message} (milestones reached: {got}; console "
+                               f"{spec.console_log})", tail=e.tail) from None
+            reached[m.what] = round(__import__("time").monotonic() - t0, 1)
+        try:
+            vm.proc.wait(timeout=exit_timeout)
+        except __import__("subprocess").TimeoutExpired:
+            raise LabError(stage, f"FreeBSD {name} VM: did not power off within {exit_timeout:.0f}s "
+                           "of finishing", tail=con.tail()) from None
+        reached["poweroff"] = round(__import__("time").monotonic() - t0, 1)
+        return reached
+    finally:
+        vm.stop()
+
+
+def _stage_cidata(staging: Path, *, user_data: str, instance_id: str,
+                  files: Sequence[tuple[Path, str]] = (), texts: Mapping[str, str] | None = None) -> None:
+    staging.mkdir(parents=True)
+    (staging / "user-data").write_text(user_data)
+    (staging / "meta-data").write_text(render_meta_data(instance_id=instance_id))
+    for src, rel in files:
+        dst = staging / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)  # no copy of ~100 MB of packages when on the same filesystem
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, dst)
+    for rel, text in (texts or {}).items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_text(text)
+
+
+def make_cidata(staging: Path, iso: Path, runner: object) -> None:
+    res = runner.run(cidata_argv(staging, iso), timeout=300)  # type: ignore[attr-defined]
+    if not res.ok:
+        raise LabError("image", f"genisoimage could not make the config disk: {res.stderr.strip()[-400:]}")
+
+
+def ensure_dom0_image(cfg: object, *, version: str, arch: str = "amd64", accel: str, cpus: int,
+                      dom0_mem_mb: int, keys: object, runner: object, results: Path, cache: Path,
+                      fetcher: Fetcher | None = None, loader_timeout: float = 120) -> Dom0Image:
+    """The provisioned dom0 base image (and, with [freebsd] src, the one with the
+    kernel built from it), from the cache or made now. Media come from the
+    scenario's [freebsd] paths or the publisher's URLs (L0 only: the VMs are offline)."""
+    import shutil
+    import time
+
+    fetcher = fetcher or Fetcher(cache.parent, progress=_progress_logger("download"))
+    xz = get_image(fetcher, version=version, arch=arch, source=getattr(cfg, "image", "") or None)
+    base = decompress_image(xz, out_dir=cache.parent / image_cache_sub(version, arch))
+    pkgs = get_packages(fetcher, version=version, arch=arch, source=getattr(cfg, "packages", "") or None)
+    user_data = render_user_data(
+        authorized_key=keys.public(keys.client),  # type: ignore[attr-defined]
+        host_key_private=keys.host("dom0").read_text(),  # type: ignore[attr-defined]
+        host_key_public=keys.public(keys.host("dom0")),  # type: ignore[attr-defined]
+        packages_dir=CIDATA_PACKAGES,
+        loader_conf=render_loader_conf(dom0_mem_mb=dom0_mem_mb, dom0_vcpus=cpus, iommu=False))
+    inputs = {"format": PROVISION_FORMAT, "version": version, "image": xz.name, "image_size": xz.stat().st_size,
+              "packages": sorted(f"{p.name}-{p.version}:{p.sha256}" for p, _ in pkgs),
+              "user_data": hashlib.sha256(user_data.encode()).hexdigest()}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    out_dir = cache / "dom0" / key
+    if not (out_dir / "dom0.qcow2").is_file():
+        tmp = cache / "dom0" / f".{key}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            t = time.monotonic()
+            _stage_cidata(tmp / "cidata", user_data=user_data, instance_id=f"lab-provision-{key}",
+                          files=[(path, f"{CIDATA_PACKAGES}/{p.filename}") for p, path in pkgs],
+                          texts={f"{CIDATA_PACKAGES}/ORDER": package_order([p for p, _ in pkgs])})
+            make_cidata(tmp / "cidata", tmp / "cidata.iso", runner)
+            shutil.rmtree(tmp / "cidata")
+            disk = tmp / "provision.qcow2"
+            qemu.create_overlay(base, disk, base_fmt=image_format(base))
+            _check(runner, ["qemu-img", "resize", "-q", str(disk), "16G"], "image")
+            spec = vm_spec([qemu.Drive(disk, "lab-root"), qemu.Drive(tmp / "cidata.iso", "lab-cidata", "raw", True)],
+                           console_log=results / "console-freebsd-provision.log", qmp_sock=tmp / "qmp.sock",
+                           accel=accel, cpus=cpus, memory_mib=3072, ssh_port=None)
+            reached = run_vm("provision", spec, results, stage="image", steps=[
+                (FREEBSD_LOADER, loader_timeout), (FREEBSD_KERNEL, 300),
+                (PROVISIONED, float(getattr(cfg, "provision_timeout", 3600)))])
+            _check(runner, ["qemu-img", "convert", "-O", "qcow2", str(disk), str(tmp / "dom0.qcow2")], "image",
+                   timeout=1800)
+            (tmp / "dom0.qcow2").chmod(0o444)
+            (tmp / "manifest.json").write_text(json.dumps(
+                {**inputs, "base": str(base), "provisioned_in_s": round(time.monotonic() - t, 1),
+                 "milestones": reached}, indent=1) + "\n")
+            for f in ("provision.qcow2", "cidata.iso"):
+                (tmp / f).unlink()
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    img = Dom0Image(out_dir / "dom0.qcow2", key, version, None, manifest)
+    src = getattr(cfg, "src", "")
+    if src:
+        img = ensure_kernel(img, Path(src).expanduser(), [Path(p).expanduser() for p in getattr(cfg, "patches", ())],
+                            base=base, kernconf=getattr(cfg, "kernconf", "GENERIC"), accel=accel, cpus=cpus,
+                            runner=runner, results=results, cache=cache, loader_timeout=loader_timeout,
+                            timeout=float(getattr(cfg, "build_timeout", 8 * 3600)))
+    return img
+
+
+def source_hash(src: Path, patches: Sequence[Path], kernconf: str) -> str:
+    """What the kernel is built from: sys/ of the tree (every file's path and
+    bytes; for a git tree, HEAD's sys/ tree object plus uncommitted changes there),
+    or the src.txz itself, plus the patches and KERNCONF."""
+    import subprocess as sp
+
+    h = hashlib.sha256(f"kernconf={kernconf}\0".encode())
+    if src.is_file():
+        h.update(b"txz\0" + file_digest(src, "sha256").encode())
+    elif (src / ".git").exists():
+        tree = sp.run(["git", "-C", str(src), "rev-parse", "HEAD:sys"], capture_output=True, text=True, timeout=60)
+        if tree.returncode != 0:
+            raise LabError("backend", f"{src}: not a FreeBSD source tree (git has no sys/ at HEAD)")
+        diff = sp.run(["git", "-C", str(src), "diff", "HEAD", "--", "sys"], capture_output=True, timeout=300).stdout
+        extra = sp.run(["git", "-C", str(src), "ls-files", "--others", "--exclude-standard", "--", "sys"],
+                       capture_output=True, timeout=300).stdout
+        h.update(tree.stdout.strip().encode() + b"\0" + diff + b"\0" + extra)
+    else:
+        if not (src / "sys" / "dev" / "xen" / "blkback" / "blkback.c").is_file():
+            raise LabError("backend", f"{src}: expected a FreeBSD source tree with sys/dev/xen/blkback/blkback.c, "
+                           "or the release's src.txz")
+        for p in sorted((src / "sys").rglob("*")):
+            if p.is_file():
+                h.update(str(p.relative_to(src)).encode() + b"\0" + p.read_bytes())
+    for p in patches:
+        if not p.is_file():
+            raise LabError("backend", f"[freebsd] patches: {p} is not a file")
+        h.update(b"patch\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ensure_kernel(img: Dom0Image, src: Path, patches: list[Path], *, base: Path, kernconf: str, accel: str,
+                  cpus: int, runner: object, results: Path, cache: Path, timeout: float,
+                  loader_timeout: float = 120) -> Dom0Image:
+    """The dom0 image with a kernel built from `src` + `patches`, cached by
+    source_hash. Built natively in a plain FreeBSD VM booted from the release's
+    image (plan_steps says why not cross-built), installed into a copy of the dom0
+    image attached to that VM; the id written beside the kernel is what the dom0
+    must show after boot (dom0.FreeBsdDom0.check_kernel)."""
+    import shutil
+    import time
+
+    if not src.exists():
+        raise LabError("backend", f"[freebsd] src: {src} does not exist (a FreeBSD source tree or src.txz)")
+    kid = source_hash(src, patches, kernconf)
+    out_dir = cache / "dom0" / f"{img.key}-k{kid}"
+    if not (out_dir / "dom0.qcow2").is_file():
+        tmp = cache / "dom0" / f".{img.key}-k{kid}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            t = time.monotonic()
+            tmp.mkdir(parents=True)
+            if src.is_file():
+                # src.txz as a raw disk: padded with zeros to whole sectors (QEMU
+                # drops a partial last sector; xz reads zeros as stream padding)
+                tarball = tmp / "src.txz"
+                shutil.copyfile(src, tarball)
+                with open(tarball, "ab") as f:
+                    f.write(b"\0" * (-tarball.stat().st_size % 512))
+            else:
+                tarball = tmp / "src.tar"
+                _check(runner, ["tar", "-C", str(src), "--exclude=.git", "-cf", str(tarball), "."], "backend",
+                       timeout=1800)
+            names = [f"{i:04d}-{p.name}" for i, p in enumerate(patches)]
+            script = build_script(patches=[str(p) for p in patches], kernconf=kernconf, ident=kid,
+                                  src_root="/" if src.is_file() else "/usr/src")
+            user_data = "#cloud-config\n" + json.dumps({"users": [], "runcmd": script}, indent=2) + "\n"
+            _stage_cidata(tmp / "cidata", user_data=user_data, instance_id=f"lab-build-{kid}",
+                          files=[(p, f"patches/{n}") for p, n in zip(patches, names, strict=True)])
+            make_cidata(tmp / "cidata", tmp / "cidata.iso", runner)
+            builder, target = tmp / "builder.qcow2", tmp / "target.qcow2"
+            qemu.create_overlay(base, builder, base_fmt=image_format(base))
+            _check(runner, ["qemu-img", "resize", "-q", str(builder), "40G"], "backend")
+            qemu.create_overlay(img.path, target, base_fmt="qcow2")
+            spec = vm_spec([qemu.Drive(builder, "lab-root"), qemu.Drive(tarball, SRC_SERIAL, "raw", True),
+                            qemu.Drive(target, TARGET_SERIAL), qemu.Drive(tmp / "cidata.iso", "lab-cidata", "raw", True)],
+                           console_log=results / "console-freebsd-build.log", qmp_sock=tmp / "qmp.sock",
+                           accel=accel, cpus=cpus, memory_mib=4096, ssh_port=None)
+            reached = run_vm("kernel-build", spec, results, stage="backend", steps=[
+                (FREEBSD_LOADER, loader_timeout), (FREEBSD_KERNEL, 300), (KERNEL_BUILT, timeout)])
+            _check(runner, ["qemu-img", "convert", "-O", "qcow2", str(target), str(tmp / "dom0.qcow2")], "backend",
+                   timeout=1800)
+            (tmp / "dom0.qcow2").chmod(0o444)
+            from lab.backend import source_commit
+
+            (tmp / "manifest.json").write_text(json.dumps(
+                {**img.manifest, "kernel_id": kid, "src": str(src), "commit": source_commit(src) if src.is_dir() else None,
+                 "patches": [str(p) for p in patches], "kernconf": kernconf,
+                 "built_in_s": round(time.monotonic() - t, 1), "build_milestones": reached}, indent=1) + "\n")
+            for f in ("builder.qcow2", "target.qcow2", "cidata.iso", "src.tar", "src.txz"):
+                (tmp / f).unlink(missing_ok=True)
+            shutil.rmtree(tmp / "cidata", ignore_errors=True)
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    return Dom0Image(out_dir / "dom0.qcow2", f"{img.key}-k{kid}", img.version, kid, manifest)
+
+
+def _check(runner: object, argv: list[str], stage: str, *, timeout: float = 300) -> None:
+    res = runner.run(argv, timeout=timeout)  # type: ignore[attr-defined]
+    if not res.ok:
+        raise LabError(stage, f"{argv[0]} failed (rc {res.rc}): {(res.stderr or res.stdout).strip()[-400:]}")
+
+
+def _progress_logger(what: str) -> Callable[[int, int | None], None]:
+    """Download progress on the log, at most every 5% (or every 50 MB unsized)."""
+    state = {"last": -1}
+
+    def report(done: int, total: int | None) -> None:
+        step = (done * 20 // total) if total else done >> 26
+        if step != state["last"]:
+            state["last"] = step
+            log.info("%s: %d MB%s", what, done >> 20, f" of {total >> 20} MB" if total else "")
+
+    return report
+
+
+# The dom0's boot under Xen, in order: each missed one names how far it got.
+DOM0_BOOT = (FREEBSD_LOADER, console.XEN_BANNER, XEN_PVH_DOM0, FREEBSD_KERNEL, console.DOM0_INIT)

@@ -23,7 +23,7 @@ from pathlib import Path
 import paramiko
 
 from lab import console, images, l1state, qemu, report, scenario, ssh, workload
-from lab.dom0 import DOM0_CLASSES, Backing, parse_vbd_sample
+from lab.dom0 import DOM0_CLASSES, Backing, FreeBsdDom0
 from lab.errors import Interrupted, LabError
 from lab.guest import GUEST_CLASSES, parse_block_stat
 from lab.runner import CommandLog, LocalRunner
@@ -92,24 +92,22 @@ def freebsd_version(sc: scenario.Scenario, *, online: bool = True) -> tuple[str,
     return FREEBSD_FALLBACK_VERSION, "download.freebsd.org unreachable: assumed the latest known 14.x"
 
 
-def freebsd_media_or_error(sc: scenario.Scenario) -> None:
+def freebsd_media_or_error(sc: scenario.Scenario) -> tuple[str, str]:
     """A FreeBSD dom0 needs media that only the user's machine or the internet has.
     Say at once, in seconds and before anything starts, what is missing and how to
-    supply it. With everything present, say plainly that the FreeBSD boot path is
-    not implemented yet (docs/freebsd.md has the plan: `lab run SCENARIO --plan`)."""
+    supply it. Returns (version, how it was chosen)."""
     from lab import freebsd
 
     version, how = freebsd_version(sc)
     missing = freebsd.missing_media(
         image_file=sc.freebsd.image or None, packages_dir=sc.freebsd.packages or None,
-        cache_dir=images.cache_dir() / "freebsd", version=version)
+        cache_dir=images.cache_dir(), version=version)
     if missing:
         raise LabError("image", f"FreeBSD {version} dom0 ({how}): media missing on this machine:\n  - "
                        + "\n  - ".join(missing)
                        + f"\nSupply them in the scenario's [freebsd] table ({sc.source}), or run on a machine "
                        "that reaches download.freebsd.org and pkg.freebsd.org. `lab run ... --plan` lists every step.")
-    raise LabError("image", "FreeBSD dom0: the media are present, but provisioning and booting a FreeBSD dom0 "
-                   "is not implemented in this version of the lab (see docs/freebsd.md and `--plan`)")
+    return version, how
 
 
 def hang_summary(hang: dict, cause: str, t: float | None) -> str:
@@ -297,7 +295,8 @@ class LabRun:
     def prepare_images(self) -> None:
         self.stage = "image"
         if self.sc.dom0.os == "freebsd":
-            freebsd_media_or_error(self.sc)
+            self._prepare_freebsd()
+            return
         self.dom0_img = images.ensure_image("linux-dom0", runner=self.l0)
         self.guest_img = images.ensure_image("linux-guest", runner=self.l0)
         self.keys = images.ensure_keys()
@@ -317,6 +316,29 @@ class LabRun:
             self.xen_bin = plain
         self.dom0_kernel = self._user_file(self.sc.dom0.kernel, "dom0.kernel") or self.dom0_img.kernel
         self.dom0_initrd = self._user_file(self.sc.dom0.initrd, "dom0.initrd") or self.dom0_img.initrd
+        self.dom0_root = (self.dom0_img.root, "raw")
+
+    def _prepare_freebsd(self) -> None:
+        """Media (or a clear ERROR naming what is missing), the provisioned dom0
+        image, and the kernel built from [freebsd] src when there is one."""
+        from lab import freebsd
+
+        version, how = freebsd_media_or_error(self.sc)
+        self.guest_img = images.ensure_image("linux-guest", runner=self.l0)
+        self.keys = images.ensure_keys()
+        accel, why = self.choose_accel()
+        self.record.update(accel=accel, accel_reason=why)
+        t = time.monotonic()
+        self.fb_img = freebsd.ensure_dom0_image(
+            self.sc.freebsd, version=version, accel=accel, cpus=self.sc.lab.cpus,
+            dom0_mem_mb=self.sc.dom0.memory.mib, keys=self.keys, runner=self.l0, results=self.results,
+            cache=images.cache_dir() / "freebsd", loader_timeout=self.sc.deadlines.xen_banner)
+        self.phases["freebsd_image"] = round(time.monotonic() - t, 2)
+        m = self.fb_img.manifest
+        self.record["images"] = {"dom0": str(self.fb_img.path), "guest": str(self.guest_img.dir),
+                                 "freebsd_version": version, "version_chosen": how, "base_image": m.get("image"),
+                                 "packages": m.get("packages"), "kernel_id": self.fb_img.kernel_id}
+        self.dom0_root = (self.fb_img.path, "qcow2")
 
     def _user_file(self, value: str, key: str) -> Path | None:
         if not value:
@@ -356,11 +378,19 @@ class LabRun:
             return requested, f"requested ({requested})"
         from lab import kvmprobe
 
+        if self.sc.dom0.os == "freebsd":
+            from lab.freebsd import nested_kvm_problem
+
+            # no probe VM: the probe boots the Linux dom0's Xen; a PVH dom0 needs
+            # nested VMX/SVM, which the host states in a module parameter
+            why = qemu.kvm_usable_quick() or nested_kvm_problem()
+            return ("tcg", f"TCG: {why}") if why else ("kvm", "KVM with nested virtualisation enabled")
+
         ok, why = kvmprobe.kvm_works(self.xen_bin, self.dom0_kernel, self.dom0_initrd)
         return ("kvm" if ok else "tcg"), why
 
     def _slots(self) -> list[l1state.Slot]:
-        slots = [l1state.Slot("dom0-root", "lab-dom0-root", base=self.dom0_img.root)]
+        slots = [l1state.Slot("dom0-root", "lab-dom0-root", base=self.dom0_root[0], base_fmt=self.dom0_root[1])]
         for i, g in enumerate(self.sc.guests):
             slots.append(l1state.Slot(f"{g.name}-root", f"lab-{g.name}-root", base=self.guest_img.root))
             for d in g.disks:
@@ -400,6 +430,9 @@ class LabRun:
     def boot_l1(self) -> None:
         """Restore a saved L1 whose key matches, else boot cold (and save one)."""
         self.stage = "boot:qemu"
+        if self.sc.dom0.os == "freebsd":
+            self._freebsd_boot()
+            return
         accel, why = self.choose_accel()
         self.record.update(accel=accel, accel_reason=why)
         slots = self._slots()
@@ -482,6 +515,49 @@ class LabRun:
         l1["dom0_ready_s"] = boot["dom0_ssh"]
         self._after_boot()
 
+    def _freebsd_boot(self) -> None:
+        """FreeBSD's loader boots Xen, Xen builds FreeBSD as its PVH dom0. Always a
+        cold boot (warm start is Linux-dom0 only so far). A missed milestone names
+        the ones reached: a PVH dom0 under TCG is new ground (docs/freebsd.md)."""
+        from lab import freebsd
+
+        accel = self.record["accel"]
+        if accel == "kvm":
+            problem = freebsd.nested_kvm_problem()
+            if problem:
+                raise LabError("boot:qemu", problem)
+        slots = self._slots()
+        boot_disk = self._boot_disk()
+        self.record["l1"] = {"start": "cold", "warm_start": "not for a FreeBSD dom0 yet"}
+        disks = l1state.create_disks(self.work, slots)
+        drives = [qemu.Drive(p, s.serial) for p, s in zip(disks, slots, strict=True)]
+        drives.append(qemu.Drive(boot_disk, "lab-boot", fmt="raw", readonly=True))
+        self.consoles["xen"] = console.Console(self.results / "console-xen.log", "Xen serial")
+        spec = self._start_qemu(freebsd.vm_spec(
+            drives, console_log=self.results / "console-xen.log", qmp_sock=self.work / "qmp.sock", accel=accel,
+            cpus=self.sc.lab.cpus, memory_mib=self.sc.lab.memory.mib, ssh_port=qemu.free_port(),
+            cpu_model=self.sc.lab.cpu_model))
+        assert self.vm is not None
+        t_qemu = self.vm.started
+        dl = self.sc.deadlines
+        boot: dict[str, float] = {}
+        self.record["boot"] = boot
+        limits = {freebsd.FREEBSD_LOADER: dl.xen_banner, console.XEN_BANNER: dl.xen_banner,
+                  freebsd.XEN_PVH_DOM0: dl.dom0_kernel, freebsd.FREEBSD_KERNEL: dl.dom0_kernel,
+                  console.DOM0_INIT: dl.dom0_ssh}
+        for m in freebsd.DOM0_BOOT:
+            self.stage = m.stage
+            try:
+                self.consoles["xen"].wait_for(m, Deadline(limits[m]), alive=self.vm.alive)
+            except LabError as e:
+                reached = ", ".join(f"{k} at {v:.0f}s" for k, v in boot.items()) or "none"
+                raise LabError(e.stage, f"FreeBSD dom0 boot: {e.message}; milestones reached: {reached}",
+                               tail=e.tail) from None
+            boot[m.what] = round(time.monotonic() - t_qemu, 2)
+        self._connect_dom0(spec, Deadline(dl.dom0_ssh), stage="boot:ssh")
+        boot["dom0_ssh"] = round(time.monotonic() - t_qemu, 2)
+        self._after_boot()
+
     def _connect_dom0(self, spec: qemu.VmSpec, deadline: Deadline, *, stage: str) -> None:
         self.stage = stage
         self.dom0 = ssh.SshRunner(
@@ -496,10 +572,20 @@ class LabRun:
     def _after_boot(self) -> None:
         assert self.dom0 is not None
         dl = self.sc.deadlines
-        # the wall clock of a VM is whatever it booted with; make dom0 agree with L0
-        self.dom0.run(["date", "-u", "-s", f"@{time.time():.0f}"], timeout=dl.command)
         self.dom0_os = DOM0_CLASSES[self.sc.dom0.os](self.dom0, timeout=dl.command)
-        self.record["backend"] = {"kind": "stock", **self.dom0_os.backend_module()}
+        # the wall clock of a VM is whatever it booted with; make dom0 agree with L0
+        self.dom0_os.set_clock(int(time.time()))
+        if isinstance(self.dom0_os, FreeBsdDom0):
+            # the kernel is the backend: it must be the one built (or the release's)
+            self.stage = "backend"
+            kid = self.fb_img.kernel_id
+            m = self.fb_img.manifest
+            self.record["backend"] = {
+                "kind": "built" if kid else "stock", "os": "freebsd", "tree_hash": kid,
+                "commit": m.get("commit"), "patches": m.get("patches", []), "kernconf": m.get("kernconf"),
+                "loaded": self.dom0_os.check_kernel(kid)}
+        else:
+            self.record["backend"] = {"kind": "stock", **self.dom0_os.backend_module()}
         self.xl = Xl(self.dom0, timeout=dl.command)
 
     # ------------------------------------------------------------ backend
@@ -508,6 +594,8 @@ class LabRun:
         running dom0 before the first guest exists."""
         self.stage = "backend"
         b = self.sc.backend
+        if self.sc.dom0.os == "freebsd":
+            return  # built into the dom0 image and checked at boot (_after_boot)
         if not b.source:
             mod = self.record["backend"]
             # the stock run must really run the stock driver
@@ -661,6 +749,10 @@ class LabRun:
             if hang:
                 self._verdict_hang(hang.as_dict(), hang.cause)
                 return
+            xhang = self._xbbd_hang()
+            if xhang:
+                self._verdict_hang(xhang, xhang["cause"])
+                return
             unresponsive = self._l1_unresponsive(now)
             if unresponsive:
                 self._verdict_hang(unresponsive, unresponsive["cause"])
@@ -708,6 +800,7 @@ class LabRun:
         self.record["workloads"] = wl_records
         if self._check_crash():
             return
+        errors += self._xbbd_findings()
         not_drained = [k for k, d in drains.items() if not d.drained]
         if errors:
             self.record.update(verdict="FAIL", stage="workload", summary="; ".join(errors))
@@ -739,9 +832,55 @@ class LabRun:
             # least a full ring: did the backend's pool of requests stay exhausted?
             "backing_full_fraction": round(
                 sum(p.backing_inflight >= tr.ring_capacity for p in during) / max(1, len(during)), 3),
-            "oo_req": (tr.backend_pts[-1].stats["oo_req"] - tr.backend_pts[0].stats["oo_req"])
-            if tr.backend_pts else None,
+            # the backend ran out of request structures: Linux's oo_req, FreeBSD's
+            # request_shortages (None where the backend lacks the counter)
+            **{k: (tr.backend_pts[-1].stats[k] - tr.backend_pts[0].stats[k])
+               if tr.backend_pts and k in tr.backend_pts[0].stats else None
+               for k in ("oo_req", "request_shortages")},
         }
+
+    def _xbbd(self, tr: Track) -> dict:
+        from lab.freebsd import xbbd_check
+
+        with self.lock:
+            samples = [(p.t, p.stats) for p in tr.backend_pts]
+        return xbbd_check(samples, stall_window=self.sc.watchdog.stall_window)
+
+    def _xbbd_hang(self) -> dict | None:
+        """FreeBSD's own hang rule on top of the common one: responses queued for
+        completion and never pushed (the 2014 fix's counter stuck non-zero)."""
+        if self.sc.dom0.os != "freebsd":
+            return None
+        for tr in self.tracks:
+            h = self._xbbd(tr)["hang"]
+            if h and "reqs_queued_for_completion" in h["cause"]:
+                return {"disk": tr.key, **h, "detected_at_s": round(h["detected_t"], 2),
+                        "last_progress_at_s": round(h["since_t"], 2), "side_stopped_first": "backend"}
+        return None
+
+    def _xbbd_findings(self) -> list[str]:
+        """FreeBSD: the xbbd rules' report per disk (which counters this kernel
+        lacks, shortages) into the record; errors completed by the backend and
+        in-flight above max_requests make the run FAIL."""
+        if self.sc.dom0.os != "freebsd":
+            return []
+        out = []
+        rep: dict = {}
+        for tr in self.tracks:
+            c = self._xbbd(tr)
+            rep[tr.key] = {k: c[k] for k in ("samples", "missing", "shortages", "errors", "invariant_violations")}
+            if c["missing"]:
+                rep[tr.key]["note"] = ("this kernel lacks " + ", ".join(c["missing"])
+                                       + " (older than the 2014 fix, or it reverted): rules ran without them")
+            if c["errors"]:
+                out.append(f"{tr.key}: blkback completed {c['errors']} request(s) with an error "
+                           "(reqs_completed_with_error grew)")
+            if c["invariant_violations"]:
+                v = c["invariant_violations"][0]
+                out.append(f"{tr.key}: {len(c['invariant_violations'])} sample(s) with more requests in flight "
+                           f"than max_requests (first at t={v['t']:.0f}s: {v['inflight']} > {v['max_requests']})")
+        self.record["xbbd"] = rep
+        return out
 
     def _verdict_hang(self, hang: dict | None, cause: str) -> None:
         self.record.update(verdict="HANG", stage=self.stage)
@@ -800,7 +939,7 @@ class LabRun:
         self.injector = Injector(
             self.sc.faults, dom0=self.dom0,
             backing=lambda g, d: self.guests[g].backings[d],
-            pause_l1=lambda: vm.qmp("stop"), resume_l1=lambda: vm.qmp("cont"),
+            scripts=self.dom0_os, pause_l1=lambda: vm.qmp("stop"), resume_l1=lambda: vm.qmp("cont"),
             t0=self.t_workload,
         )
         self.cleanups.append(self.injector.release_all)
@@ -823,22 +962,19 @@ class LabRun:
         assert self.dom0 is not None
         iv = str(self.sc.watchdog.interval)
         t0 = self.t_workload
-        dom0_paths: list[str] = []
-        for tr in self.tracks:
-            g = self.guests[tr.guest]
-            dom0_paths += self.dom0_os.stat_paths(tr.vbd, g.backings[tr.vdev])
-        per = len(dom0_paths) // max(1, len(self.tracks))
+        disks = [(self.guests[tr.guest].vbds[tr.vdev], self.guests[tr.guest].backings[tr.vdev]) for tr in self.tracks]
+        dom0_argv = self.dom0_os.sample_argv(iv, disks)
+        parse = self.dom0_os.parse_sample
 
         def on_dom0(t: float, values: list[str | None]) -> None:
-            for i, tr in enumerate(self.tracks):
-                st = parse_vbd_sample(values[i * per:(i + 1) * per])
+            for tr, st in zip(self.tracks, parse(values, len(self.tracks)), strict=True):
                 if st is not None:
                     with self.lock:
                         tr.backend_pts.append(BackendPoint(t, st))
 
         long = 24 * 3600.0  # samplers end with the run; the channel closes then
         dom0 = self.dom0
-        self.samplers.append(Sampler("dom0", lambda: dom0.stream(["lab-sample", iv, *dom0_paths], timeout=long),
+        self.samplers.append(Sampler("dom0", lambda: dom0.stream(dom0_argv, timeout=long),
                                      on_dom0, t0, raw=self.results / "samples-dom0.jsonl"))
         for name, g in self.guests.items():
             mine = [tr for tr in self.tracks if tr.guest == name]
@@ -875,19 +1011,7 @@ class LabRun:
             ev[f"console_tail_{name}"] = f"evidence/tail-{name}.txt"
         items: list[tuple[str, object, list[str]]] = []
         if self._l1_answers():
-            items += [
-                ("xl-list", self.dom0, ["xl", "list"]),
-                ("xl-dmesg", self.dom0, ["xl", "dmesg"]),
-                ("xenstore-backend", self.dom0, ["xenstore-ls", "-f", "/local/domain/0/backend"]),
-                ("dom0-vbd-stats", self.dom0, ["sh", "-c", "grep -H . /sys/bus/xen-backend/devices/vbd-*/statistics/*"]),
-                ("dom0-inflight", self.dom0, ["sh", "-c", "grep -H . /sys/block/*/inflight"]),
-                ("dom0-dmsetup", self.dom0, ["sh", "-c", "dmsetup info; dmsetup table"]),
-                # Xen's own view: 'q' dumps domain and vCPU state into the Xen console ring
-                ("xen-debug-keys-q", self.dom0, ["sh", "-c", "xl debug-keys q && xl dmesg | tail -n 300"]),
-                # blocked (D-state) task stacks in dom0, then its whole kernel log
-                ("dom0-blocked-tasks", self.dom0, ["sh", "-c", "echo w > /proc/sysrq-trigger; dmesg | tail -n 300"]),
-                ("dom0-dmesg", self.dom0, ["dmesg"]),
-            ]
+            items += [(label, self.dom0, argv) for label, argv in self.dom0_os.evidence_commands()]
             for name, g in self.guests.items():
                 if g.runner is not None and g.runner.alive():
                     items += [(f"{name}-inflight", g.runner, ["sh", "-c", "grep -H . /sys/block/*/inflight"]),

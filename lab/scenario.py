@@ -140,6 +140,11 @@ class FreeBsdCfg:
     packages: str = ""  # a directory with packagesite.pkg/.yaml and the .pkg files
     src: str = ""  # a FreeBSD source tree (or src.txz) for a patched kernel
     patches: tuple[str, ...] = ()
+    kernconf: str = "GENERIC"  # blkback is in GENERIC
+    # VM stages without Xen, under TCG: pkg add of ~30 packages; kernel-toolchain
+    # + buildkernel (tens of minutes with KVM, hours under TCG)
+    provision_timeout: Duration = Duration(3600)
+    build_timeout: Duration = Duration(8 * 3600)
 
 
 @dataclass(frozen=True)
@@ -356,6 +361,18 @@ def _check(s: Scenario, where: str) -> None:
                 raise err(f"faults[{i}].disk", f"guest '{f.guest}' has no disk {f.disk!r}")
         if f.kind == "delay" and not 0 < f.delay <= 60:
             raise err(f"faults[{i}].delay", "expected a latency between 1ms and 60s")
+        if f.kind == "stall" and s.dom0.os == "freebsd":
+            raise err(f"faults[{i}].kind", "a FreeBSD dom0 cannot stall a disk (gnop(8) delays or fails "
+                      "requests, it cannot hold them): use delay, error or pause-l1")
+    if s.dom0.os == "freebsd":
+        if s.backend.source or s.backend.patches:
+            raise err("backend.source", "a FreeBSD dom0's backend is its kernel: give the tree as "
+                      "[freebsd] src (and patches) instead")
+        if s.xen.binary or s.dom0.kernel or s.dom0.initrd:
+            raise err("xen.binary" if s.xen.binary else "dom0.kernel", "a FreeBSD dom0 boots Xen and its "
+                      "kernel from its own disk (xen-kernel package, [freebsd] src): these keys are Linux-only")
+    elif s.freebsd.src or s.freebsd.patches:
+        raise err("freebsd.src", "only for dom0.os = \"freebsd\"; a Linux dom0's backend is [backend] source")
     wd = s.watchdog
     if wd.interval <= 0 or wd.stall_window < 2 * wd.interval:
         raise err("watchdog.stall_window", "expected at least twice watchdog.interval")

@@ -18,7 +18,7 @@ def test_freebsd_dom0(results: Path) -> None:
     sc = scenario.load("freebsd-dom0")
     version, how = freebsd_version(sc)
     missing = freebsd.missing_media(image_file=sc.freebsd.image or None, packages_dir=sc.freebsd.packages or None,
-                                    cache_dir=images.cache_dir() / "freebsd", version=version)
+                                    cache_dir=images.cache_dir(), version=version)
     if missing and os.environ.get("LAB_REQUIRE_FREEBSD") != "1":
         pytest.skip("FreeBSD media missing: " + "; ".join(missing))
     t = time.monotonic()
@@ -35,7 +35,7 @@ def test_missing_media_is_a_fast_clear_error_that_leaves_nothing(results: Path) 
     QEMU started and no work directory left."""
     sc = scenario.load("freebsd-dom0")
     version, _ = freebsd_version(sc)
-    if not freebsd.missing_media(image_file=None, packages_dir=None, cache_dir=images.cache_dir() / "freebsd",
+    if not freebsd.missing_media(image_file=None, packages_dir=None, cache_dir=images.cache_dir(),
                                  version=version):
         pytest.skip("FreeBSD media are available here")
     before = set((images.cache_dir() / "runs").glob("run-*"))
@@ -46,3 +46,62 @@ def test_missing_media_is_a_fast_clear_error_that_leaves_nothing(results: Path) 
     assert "[freebsd] image" in rec["error"] and "[freebsd] packages" in rec["error"]
     assert "qemu" not in rec
     assert set((images.cache_dir() / "runs").glob("run-*")) <= before
+
+
+def _stand_in_release(d: Path) -> Path:
+    """A release directory shaped like the publisher's: CHECKSUM.SHA512 and the
+    image it names, with its real sha512, but the image is a blank disk (no FreeBSD
+    media can be had here): everything up to the first FreeBSD milestone is real."""
+    import hashlib
+    import subprocess
+
+    d.mkdir()
+    name = "FreeBSD-14.3-RELEASE-amd64-BASIC-CLOUDINIT-ufs.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / name), "64M"], check=True)
+    subprocess.run(["xz", "-0", str(d / name)], check=True)
+    digest = hashlib.sha512((d / f"{name}.xz").read_bytes()).hexdigest()
+    (d / "CHECKSUM.SHA512").write_text(f"SHA512 ({name}.xz) = {digest}\n")
+    return d / f"{name}.xz"
+
+
+def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_path: Path) -> None:
+    """With stand-in media (a blank disk as the image, the constructed package
+    repository of tests/data with real checksums) a FreeBSD-dom0 run does every
+    real step it can here: verify and unpack the image into the cache, resolve and
+    verify the packages, make the cidata ISO, boot the provisioning VM offline
+    under QEMU. There it must stop with an ERROR at stage `image` that names the
+    milestone it waited for (FreeBSD's loader), the ones reached (none) and the
+    console, within the loader's deadline, and leave no QEMU, overlay or
+    half-made image behind; the user's files stay untouched."""
+    import dataclasses
+    import subprocess
+
+    img = _stand_in_release(tmp_path / "release")
+    before = {p: p.stat().st_mtime_ns for p in img.parent.iterdir()}
+    repo = Path(__file__).parents[1] / "data" / "freebsd" / "repo"
+    sc = scenario.load("freebsd-dom0")
+    sc = dataclasses.replace(
+        sc, freebsd=dataclasses.replace(sc.freebsd, version="14.3", image=str(img), packages=str(repo)),
+        deadlines=dataclasses.replace(sc.deadlines, xen_banner=scenario.Duration(15)))
+    cache = images.cache_dir() / "freebsd"
+    runs_before = set((images.cache_dir() / "runs").glob("run-*"))
+    t = time.monotonic()
+    rec = LabRun(sc, results_root=results, accel="tcg").execute()
+    took = time.monotonic() - t
+    print(rec.get("error"), f"({took:.1f}s)")
+    assert rec["verdict"] == "ERROR" and rec["stage"] == "image", rec
+    assert "FreeBSD provision VM" in rec["error"] and "FreeBSD's loader" in rec["error"]
+    assert "milestones reached: none" in rec["error"]
+    assert took < 120
+    # the steps before the VM really ran: the image unpacked read-only into the cache
+    unpacked = cache / "14.3-amd64" / img.with_suffix("").name
+    assert unpacked.is_file() and unpacked.stat().st_mode & 0o222 == 0
+    assert (Path(rec["results_dir"]) / "console-freebsd-provision.log").exists()
+    argv = (Path(rec["results_dir"]) / "commands.log").read_text()
+    assert "genisoimage" in argv
+    # nothing left: no QEMU of this run, no half-made dom0 image, no work directory
+    assert not list(cache.glob("dom0/.*")) and not list(cache.glob("dom0/*/dom0.qcow2"))
+    assert set((images.cache_dir() / "runs").glob("run-*")) <= runs_before
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps and "provision.qcow2" not in ps
+    assert {p: p.stat().st_mtime_ns for p in img.parent.iterdir()} == before
