@@ -875,6 +875,10 @@ class LabRun:
             if c["errors"]:
                 out.append(f"{tr.key}: blkback completed {c['errors']} request(s) with an error "
                            "(reqs_completed_with_error grew)")
+            short = c["shortages"]["request_shortages"]
+            if short and self.sc.freebsd.fail_on_request_shortages:
+                out.append(f"{tr.key}: blkback ran out of request structures {short} time(s) "
+                           "(request_shortages grew; [freebsd] fail_on_request_shortages)")
             if c["invariant_violations"]:
                 v = c["invariant_violations"][0]
                 out.append(f"{tr.key}: {len(c['invariant_violations'])} sample(s) with more requests in flight "

@@ -326,3 +326,48 @@ def test_decompress_image_shall_write_into_the_cache_read_only(tmp_path: Path) -
     assert out == tmp_path / "cache" / "img.qcow2" and out.read_bytes() == b"disk" * 1000
     assert out.stat().st_mode & 0o222 == 0
     assert sorted(p.name for p in user.iterdir()) == before
+
+
+# ------------------------------------------------------------ the run's FreeBSD verdict
+def labrun_with(tmp_path: Path, name: str, **freebsd_cfg: object):  # type: ignore[no-untyped-def]
+    """A LabRun (never executed) whose one track holds the constructed series,
+    unit 0, as the sampler would have parsed it."""
+    import dataclasses
+
+    from lab.run import LabRun
+
+    sc = scenario.load("freebsd-dom0")
+    sc = dataclasses.replace(sc, freebsd=dataclasses.replace(sc.freebsd, **freebsd_cfg))
+    run = LabRun(sc, results_root=tmp_path)
+    tr = Track("lin1", "xvdb", "vbd-1-51728", 32)
+    for t, text in samples(name):
+        unit0 = "\n".join(line for line in text.splitlines() if line.startswith("dev.xbbd.0."))
+        st = dom0.xbbd_stats(unit0)
+        if st is not None:
+            tr.backend_pts.append(BackendPoint(t, st))
+    run.tracks.append(tr)
+    return run
+
+
+def test_run_shall_hang_on_responses_queued_and_never_pushed(tmp_path: Path) -> None:
+    assert labrun_with(tmp_path, "xbbd-healthy.txt")._xbbd_hang() is None
+    h = labrun_with(tmp_path, "xbbd-hung-queued.txt")._xbbd_hang()
+    assert h is not None and h["disk"] == "lin1/xvdb" and "never pushed" in h["cause"]
+    assert h["side_stopped_first"] == "backend" and h["detected_at_s"] > h["last_progress_at_s"]
+
+
+def test_run_findings_shall_fail_errors_and_invariants_and_report_the_rest(tmp_path: Path) -> None:
+    healthy = labrun_with(tmp_path, "xbbd-healthy.txt")
+    assert healthy._xbbd_findings() == []
+    rep = healthy.record["xbbd"]["lin1/xvdb"]
+    assert rep["missing"] == [] and rep["errors"] == 0 and "note" not in rep
+    bad = labrun_with(tmp_path, "xbbd-invariant.txt")._xbbd_findings()
+    assert len(bad) == 1 and "more requests in flight than max_requests" in bad[0] and "40 > 32" in bad[0]
+    old = labrun_with(tmp_path, "xbbd-pre2014.txt")
+    assert old._xbbd_findings() == []  # shortages are reported, not failed, by default
+    rep = old.record["xbbd"]["lin1/xvdb"]
+    assert rep["shortages"]["request_shortages"] > 0
+    assert set(rep["missing"]) == {"reqs_queued_for_completion", "reqs_completed_with_error"}
+    assert "lacks" in rep["note"]
+    strict = labrun_with(tmp_path, "xbbd-pre2014.txt", fail_on_request_shortages=True)._xbbd_findings()
+    assert len(strict) == 1 and "ran out of request structures" in strict[0]
