@@ -655,6 +655,9 @@ def provision_script(*, packages_dir: str) -> list[str]:
         # write_files does not create directories: /root/.ssh is made here
         "install -d -m 700 /root/.ssh && install -m 600 /etc/ssh/lab_root_keys /root/.ssh/authorized_keys"
         " && rm /etc/ssh/lab_root_keys || fail 'root authorized_keys'",
+        # the lab's commands arrive as `sh -c` strings over SSH, through root's login
+        # shell: make it sh on every release (13.x gave root csh, which has other quoting)
+        "pw usermod root -s /bin/sh || fail 'root shell'",
         "sysrc xencommons_enable=yes sshd_enable=yes lab_ready_enable=yes || fail sysrc",
         # guests' bridge (dom0 only, as on the Linux dom0) and QEMU's user network, static
         # renamed xenbr0: the xl template's vif names that bridge on both dom0 OSes

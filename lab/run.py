@@ -582,8 +582,8 @@ class LabRun:
             m = self.fb_img.manifest
             self.record["backend"] = {
                 "kind": "built" if kid else "stock", "os": "freebsd", "tree_hash": kid,
-                "commit": m.get("commit"), "patches": m.get("patches", []), "kernconf": m.get("kernconf"),
-                "loaded": self.dom0_os.check_kernel(kid)}
+                "commit": m.get("commit"), "patches": m.get("patches", []), "kernconf": m.get("kernconf")}
+            self.record["backend"]["loaded"] = self.dom0_os.check_kernel(kid)
         else:
             self.record["backend"] = {"kind": "stock", **self.dom0_os.backend_module()}
         self.xl = Xl(self.dom0, timeout=dl.command)
@@ -1014,13 +1014,16 @@ class LabRun:
             (edir / f"tail-{name}.txt").write_text(con.tail(80) + "\n")
             ev[f"console_tail_{name}"] = f"evidence/tail-{name}.txt"
         items: list[tuple[str, object, list[str]]] = []
-        if self._l1_answers():
-            items += [(label, self.dom0, argv) for label, argv in self.dom0_os.evidence_commands()]
+        dom0_os = getattr(self, "dom0_os", None)  # None: dom0 answered SSH but the run stopped before asking it
+        if self._l1_answers() and dom0_os is not None:
+            items += [(label, self.dom0, argv) for label, argv in dom0_os.evidence_commands()]
             for name, g in self.guests.items():
                 if g.runner is not None and g.runner.alive():
                     items += [(f"{name}-inflight", g.runner, ["sh", "-c", "grep -H . /sys/block/*/inflight"]),
                               (f"{name}-diskstats", g.runner, ["cat", "/proc/diskstats"]),
                               (f"{name}-dmesg", g.runner, ["dmesg"])]
+        elif dom0_os is None and self.dom0 is not None:
+            ev["l1"] = "the run stopped before dom0 was set up: only L0 evidence was collected"
         else:
             ev["l1"] = "dom0 did not answer an SSH probe: only L0 evidence was collected"
         for label, runner, argv in items:
