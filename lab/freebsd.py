@@ -509,12 +509,17 @@ def repo_cache_sub(repo_url: str) -> str:
 def decompress_image(xz_path: Path, *, out_dir: Path | None = None, timeout: float = 1800) -> Path:
     """`xz -dc` into <out_dir>/<name without .xz>.part, renamed when xz succeeded
     and made read-only: the base of every overlay, never written by a run. The
-    user's own files are only read (out_dir: the cache, not their directory)."""
+    user's own files are only read (out_dir: the cache, not their directory).
+    `<out>.from` names the .xz it came from (name, size, mtime): a different file
+    of the same name is unpacked again, never mistaken for the cached one."""
     if xz_path.suffix != ".xz":
         return xz_path
     out = (out_dir or xz_path.parent) / xz_path.with_suffix("").name
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and out.stat().st_mtime >= xz_path.stat().st_mtime:
+    st = xz_path.stat()
+    origin = f"{xz_path.resolve()} {st.st_size} {st.st_mtime_ns}\n"
+    stamp = out.with_name(out.name + ".from")
+    if out.exists() and stamp.is_file() and stamp.read_text() == origin:
         return out
     part = out.with_name(out.name + ".part")
     with open(part, "wb") as f:
@@ -524,7 +529,9 @@ def decompress_image(xz_path: Path, *, out_dir: Path | None = None, timeout: flo
         part.unlink(missing_ok=True)
         raise _media(f"xz could not decompress {xz_path}: {res.stderr.decode(errors='replace').strip()}")
     part.chmod(0o444)
+    stamp.unlink(missing_ok=True)
     os.replace(part, out)
+    stamp.write_text(origin)
     return out
 
 

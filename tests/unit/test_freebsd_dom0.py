@@ -371,3 +371,19 @@ def test_run_findings_shall_fail_errors_and_invariants_and_report_the_rest(tmp_p
     assert "lacks" in rep["note"]
     strict = labrun_with(tmp_path, "xbbd-pre2014.txt", fail_on_request_shortages=True)._xbbd_findings()
     assert len(strict) == 1 and "ran out of request structures" in strict[0]
+
+
+def test_decompress_image_shall_not_mistake_another_file_of_the_same_name(tmp_path: Path) -> None:
+    """A cached unpack is reused only for the very .xz it came from: a user's
+    image of the same name (even one older than the cached copy) is unpacked again."""
+    cache = tmp_path / "cache"
+    for i, body in enumerate((b"first" * 500, b"second" * 500)):
+        d = tmp_path / f"user{i}"
+        d.mkdir()
+        (d / "img.qcow2").write_bytes(body)
+        subprocess.run(["xz", "-0", str(d / "img.qcow2")], check=True)
+        os.utime(d / "img.qcow2.xz", (1_000_000 + i, 1_000_000 - i))  # the second is *older*
+        out = freebsd.decompress_image(d / "img.qcow2.xz", out_dir=cache)
+        assert out.read_bytes() == body
+    t = out.stat().st_mtime_ns
+    assert freebsd.decompress_image(tmp_path / "user1" / "img.qcow2.xz", out_dir=cache).stat().st_mtime_ns == t
