@@ -1213,6 +1213,7 @@ def run_vm(name: str, spec: qemu.VmSpec, results: Path, steps: Sequence[tuple[co
 
     t0 = __import__("time").monotonic()
     con = console.Console(spec.console_log, f"FreeBSD {name}")
+    (results / f"qemu-{name}-argv.json").write_text(json.dumps(qemu.build_argv(spec), indent=1) + "\n")
     vm = qemu.start(spec, results / f"qemu-{name}-stderr.log")
     reached: dict[str, float] = {}
     try:
@@ -1221,8 +1222,10 @@ def run_vm(name: str, spec: qemu.VmSpec, results: Path, steps: Sequence[tuple[co
                 con.wait_for(m, Deadline(seconds), alive=vm.alive)
             except LabError as e:
                 got = ", ".join(reached) or "none"
+                empty = ("; the console stayed empty: the firmware found nothing to boot (is the image a "
+                         "FreeBSD VM image?)" if con.size() == 0 else "")
                 raise LabError(stage, f"FreeBSD {name} VM: {e.message} (milestones reached: {got}; console "
-                               f"{spec.console_log})", tail=e.tail) from None
+                               f"{spec.console_log}{empty})", tail=e.tail or vm.stderr_tail()) from None
             reached[m.what] = round(__import__("time").monotonic() - t0, 1)
         try:
             vm.proc.wait(timeout=exit_timeout)

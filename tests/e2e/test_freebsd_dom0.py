@@ -98,7 +98,8 @@ def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
     print(rec.get("error"), f"({took:.1f}s)")
     assert rec["verdict"] == "ERROR" and rec["stage"] == "image", rec
     assert "FreeBSD provision VM" in rec["error"] and "FreeBSD's loader" in rec["error"]
-    assert "milestones reached: none" in rec["error"]
+    assert "milestones reached: none" in rec["error"] and "console stayed empty" in rec["error"]
+    assert (Path(rec["results_dir"]) / "qemu-provision-argv.json").exists()
     assert took < 120
     assert (Path(rec["results_dir"]) / "console-freebsd-provision.log").exists()
     argv = (Path(rec["results_dir"]) / "commands.log").read_text()
