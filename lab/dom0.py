@@ -28,8 +28,8 @@ class Backing:
     kname: str  # dm-N: where its in-flight count lives in sysfs
 
 
-class LinuxDom0:
-    os = "linux"
+class _Dom0:
+    """What every dom0 class shares: the runner and one way to run a script."""
 
     def __init__(self, runner: Runner, *, timeout: float) -> None:
         self.r = runner
@@ -37,6 +37,11 @@ class LinuxDom0:
 
     def sh(self, script: str, *, stage: str, timeout: float | None = None) -> str:
         return self.r.run(["sh", "-c", script], timeout=timeout or self.timeout).check(stage).stdout
+
+
+class LinuxDom0(_Dom0):
+    os = "linux"
+
 
     def disk_by_serial(self, serial: str) -> str:
         """The virtio disk QEMU gave this serial (no udev here, so no by-id links)."""
@@ -213,19 +218,13 @@ done
 """
 
 
-class FreeBsdDom0:
+class FreeBsdDom0(_Dom0):
     """FreeBSD PVH dom0 (docs/freebsd.md): disks found by their serial with
     diskinfo(8), a gnop(8) provider over each test disk (faults reconfigure it),
     the kernel itself is the backend under test (built into the image)."""
 
     os = "freebsd"
 
-    def __init__(self, runner: Runner, *, timeout: float) -> None:
-        self.r = runner
-        self.timeout = timeout
-
-    def sh(self, script: str, *, stage: str, timeout: float | None = None) -> str:
-        return self.r.run(["sh", "-c", script], timeout=timeout or self.timeout).check(stage).stdout
 
     def set_clock(self, epoch: int) -> None:
         self.r.run(["date", "-u", "-f", "%s", str(epoch)], timeout=self.timeout)  # FreeBSD date(1)

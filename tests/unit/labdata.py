@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from lab.dom0 import VBD_STATS
+from lab.runner import Result
 from lab.watchdog import BackendPoint, GuestPoint, Track
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -42,3 +44,33 @@ def sample_values(name: str) -> list[tuple[float, list[str | None]]]:
         row = json.loads(line)
         out.append((row["t"], json.loads(row["line"])["v"]))
     return out
+
+
+def xbbd_samples(name: str) -> list[tuple[float, str]]:
+    """A constructed `sysctl dev.xbbd` series of tests/data/freebsd (README there):
+    '# t=<s>' then that sample's output -> (t, raw text) pairs."""
+    out: list[tuple[float, list[str]]] = []
+    for line in (DATA / "freebsd" / name).read_text().splitlines():
+        m = re.fullmatch(r"# t=([\d.]+)", line)
+        if m:
+            out.append((float(m[1]), []))
+        elif out:
+            out[-1][1].append(line)
+    return [(t, "\n".join(lines) + "\n") for t, lines in out]
+
+
+class FakeRunner:
+    """A dom0 runner that records each argv and answers with the given outputs in
+    turn (then ""), all with `rc`: for the dom0 classes' command builders."""
+
+    name = "dom0"
+
+    def __init__(self, *outputs: str, rc: int = 0) -> None:
+        self.outputs = list(outputs)
+        self.rc = rc
+        self.calls: list[list[str]] = []
+
+    def run(self, argv: list[str], *, timeout: float, input: str | None = None) -> Result:
+        self.calls.append(argv)
+        out = self.outputs.pop(0) if self.outputs else ""
+        return Result(tuple(argv), self.rc, out, "boom" if self.rc else "", 0.01)

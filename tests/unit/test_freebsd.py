@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from labdata import DATA
+from labdata import DATA, xbbd_samples
 
 from lab import console
 from lab import freebsd as fb
@@ -696,15 +696,8 @@ def test_milestones_shall_match_freebsd_console_lines() -> None:
 
 # ================================================================ sysctl dev.xbbd
 def series(name: str) -> list[tuple[float, dict[int, dict[str, int | str]]]]:
-    """A constructed capture: '# t=<s>' then that sample's `sysctl dev.xbbd` output."""
-    out: list[tuple[float, list[str]]] = []
-    for line in (FB / name).read_text().splitlines():
-        m = re.fullmatch(r"# t=([\d.]+)", line)
-        if m:
-            out.append((float(m[1]), []))
-        elif out:
-            out[-1][1].append(line)
-    return [(t, fb.parse_xbbd("\n".join(lines))) for t, lines in out]
+    """A constructed capture, parsed: (t, {unit: nodes})."""
+    return [(t, fb.parse_xbbd(text)) for t, text in xbbd_samples(name)]
 
 
 def unit(name: str, u: int = 0) -> list[tuple[float, dict[str, int | str]]]:

@@ -17,41 +17,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from labdata import DATA
+from labdata import FakeRunner, xbbd_samples
 
 from lab import dom0, freebsd, qemu, scenario
 from lab.errors import LabError, ScenarioError
-from lab.runner import Result
 from lab.watchdog import BackendPoint, GuestPoint, Track, accounting_mismatches
 from lab.xen import VbdInfo
-
-FB = DATA / "freebsd"
-
-
-class FakeRunner:
-    name = "dom0"
-
-    def __init__(self, *outputs: str, rc: int = 0) -> None:
-        self.outputs = list(outputs)
-        self.rc = rc
-        self.calls: list[list[str]] = []
-
-    def run(self, argv: list[str], *, timeout: float, input: str | None = None) -> Result:
-        self.calls.append(argv)
-        out = self.outputs.pop(0) if self.outputs else ""
-        return Result(tuple(argv), self.rc, out, "boom" if self.rc else "", 0.01)
-
-
-def samples(name: str) -> list[tuple[float, str]]:
-    """The constructed capture as (t, raw `sysctl dev.xbbd` text) pairs."""
-    out: list[tuple[float, list[str]]] = []
-    for line in (FB / name).read_text().splitlines():
-        m = re.fullmatch(r"# t=([\d.]+)", line)
-        if m:
-            out.append((float(m[1]), []))
-        elif out:
-            out[-1][1].append(line)
-    return [(t, "\n".join(lines) + "\n") for t, lines in out]
 
 
 def vbd(domid: int, devid: int) -> VbdInfo:
@@ -81,7 +52,7 @@ def run_sampler(tmp_path: Path, text: str, wanted: list[str]) -> list[str | None
 
 
 def test_sampler_shall_print_each_wanted_unit_by_its_xenstore_path(tmp_path: Path) -> None:
-    t, text = samples("xbbd-healthy.txt")[5]
+    t, text = xbbd_samples("xbbd-healthy.txt")[5]
     values = run_sampler(tmp_path, text, [(1, 51728), (7, 51712), (1, 51712)])
     units = freebsd.parse_xbbd(text)
     assert values[1] is None  # no unit serves domain 7
@@ -101,7 +72,7 @@ def test_sampled_series_shall_reach_the_same_verdicts_as_the_rules(tmp_path: Pat
     the healthy one does not."""
     for name, hangs in (("xbbd-hung-queued.txt", True), ("xbbd-healthy.txt", False)):
         pts = []
-        for t, text in samples(name):
+        for t, text in xbbd_samples(name):
             v = run_sampler(tmp_path, text, [(1, 51728)])
             st = dom0.FreeBsdDom0.parse_sample(v, 1)[0]
             assert st is not None
@@ -340,7 +311,7 @@ def labrun_with(tmp_path: Path, name: str, **freebsd_cfg: object):  # type: igno
     sc = dataclasses.replace(sc, freebsd=dataclasses.replace(sc.freebsd, **freebsd_cfg))
     run = LabRun(sc, results_root=tmp_path)
     tr = Track("lin1", "xvdb", "vbd-1-51728", 32)
-    for t, text in samples(name):
+    for t, text in xbbd_samples(name):
         unit0 = "\n".join(line for line in text.splitlines() if line.startswith("dev.xbbd.0."))
         st = dom0.xbbd_stats(unit0)
         if st is not None:

@@ -10,11 +10,10 @@ import json
 from dataclasses import replace
 
 import pytest
-from labdata import DATA, csv_rows, sample_values
+from labdata import DATA, FakeRunner, csv_rows, sample_values
 
 from lab import dom0, guest, scenario, workload
 from lab.errors import LabError
-from lab.runner import Result
 
 FIO = DATA / "fio-default-tcg.json"
 
@@ -275,20 +274,6 @@ def test_parse_key_values_shall_keep_key_equals_value_lines() -> None:
 
 
 # ------------------------------------------------------------ dom0 / guest over a fake runner
-class FakeRunner:
-    name = "fake"
-
-    def __init__(self, *outputs: str, rc: int = 0) -> None:
-        self.outputs = list(outputs)
-        self.rc = rc
-        self.calls: list[list[str]] = []
-
-    def run(self, argv: list[str], *, timeout: float, input: str | None = None) -> Result:
-        self.calls.append(argv)
-        out = self.outputs.pop(0) if self.outputs else ""
-        return Result(tuple(argv), self.rc, out, "boom" if self.rc else "", 0.01)
-
-
 def test_stat_paths_shall_line_up_with_parse_vbd_sample() -> None:
     b = dom0.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-0")
     paths = dom0.LinuxDom0(FakeRunner(), timeout=5).stat_paths("vbd-1-51728", b)
