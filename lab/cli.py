@@ -324,7 +324,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     pid = int(info["qemu_pid"])
     if Path(f"/proc/{pid}").exists():
         kill_group(pid)  # QEMU was started in its own process group by the lab
-    shutil.rmtree(info["work"], ignore_errors=True)
+    for d in [info["work"], *info.get("socket_dirs", [])]:
+        shutil.rmtree(d, ignore_errors=True)
     f.rename(lab / "lab.json.down")
     print(f"lab in {lab} torn down (QEMU pid {pid})")
     return 0

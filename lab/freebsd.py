@@ -1152,7 +1152,7 @@ class Dom0Image:
     manifest: dict
 
 
-def vm_spec(drives: Sequence[qemu.Drive], *, console_log: Path, qmp_sock: Path, accel: str, cpus: int,
+def vm_spec(drives: Sequence[qemu.Drive], *, console_log: Path, qmp_sock: Path | None, accel: str, cpus: int,
             memory_mib: int, ssh_port: int | None, cpu_model: str = "") -> qemu.VmSpec:
     """A FreeBSD VM from the lab's own argv builders. No -kernel: the firmware
     boots the first drive, whose loader (with Xen, via xen_kernel) takes over. The
@@ -1170,8 +1170,8 @@ def _qemu_argv(disk: str, cidata: str | None, *, xen: bool, memory_mib: int = 30
     drives += [qemu.Drive(Path(p), serial, fmt, ro) for p, serial, fmt, ro in extra]
     if cidata:  # the ISO as a read-only virtio disk: geom_label finds its cidata label on any provider
         drives.append(qemu.Drive(Path(cidata), "lab-cidata", "raw", True))
-    spec = vm_spec(drives, console_log=Path("$RUN/console.log"), qmp_sock=Path("$RUN/qmp.sock"), accel="tcg",
-                   cpus=2, memory_mib=memory_mib, ssh_port=1 if xen else None)
+    spec = vm_spec(drives, console_log=Path("$RUN/console.log"), qmp_sock=Path("$RUN/qmp.sock") if xen else None,
+                   accel="tcg", cpus=2, memory_mib=memory_mib, ssh_port=1 if xen else None)
     return [a.replace("127.0.0.1:1-", "127.0.0.1:$PORT-") for a in qemu.build_argv(spec)]
 
 
@@ -1301,7 +1301,7 @@ def ensure_dom0_image(cfg: object, *, version: str, arch: str = "amd64", accel: 
             qemu.create_overlay(base, disk, base_fmt=image_format(base))
             _check(runner, ["qemu-img", "resize", "-q", str(disk), "16G"], "image")
             spec = vm_spec([qemu.Drive(disk, "lab-root"), qemu.Drive(tmp / "cidata.iso", "lab-cidata", "raw", True)],
-                           console_log=results / "console-freebsd-provision.log", qmp_sock=tmp / "qmp.sock",
+                           console_log=results / "console-freebsd-provision.log", qmp_sock=None,
                            accel=accel, cpus=cpus, memory_mib=3072, ssh_port=None)
             reached = run_vm("provision", spec, results, stage="image", steps=[
                 (FREEBSD_LOADER, loader_timeout), (FREEBSD_KERNEL, 300),
@@ -1405,7 +1405,7 @@ def ensure_kernel(img: Dom0Image, src: Path, patches: list[Path], *, base: Path,
             qemu.create_overlay(img.path, target, base_fmt="qcow2")
             spec = vm_spec([qemu.Drive(builder, "lab-root"), qemu.Drive(tarball, SRC_SERIAL, "raw", True),
                             qemu.Drive(target, TARGET_SERIAL), qemu.Drive(tmp / "cidata.iso", "lab-cidata", "raw", True)],
-                           console_log=results / "console-freebsd-build.log", qmp_sock=tmp / "qmp.sock",
+                           console_log=results / "console-freebsd-build.log", qmp_sock=None,
                            accel=accel, cpus=cpus, memory_mib=4096, ssh_port=None)
             reached = run_vm("kernel-build", spec, results, stage="backend", steps=[
                 (FREEBSD_LOADER, loader_timeout), (FREEBSD_KERNEL, 300), (KERNEL_BUILT, timeout)])

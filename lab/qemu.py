@@ -111,7 +111,7 @@ class VmSpec:
     drives: list[Drive]
     ssh_port: int
     console_log: Path
-    qmp_sock: Path
+    qmp_sock: Path | None  # None: no monitor (the offline FreeBSD provisioning/build VMs need none)
     cpu_model: str = ""
     extra: list[str] = field(default_factory=list)
     network: bool = True  # False: no NIC at all (FreeBSD's provisioning and kernel-build VMs)
@@ -127,7 +127,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         *drive_args(spec.drives),
         *(net_args(spec.ssh_port) if spec.network else []),
         *serial_args(spec.console_log),
-        *qmp_args(spec.qmp_sock),
+        *(qmp_args(spec.qmp_sock) if spec.qmp_sock else []),
         *spec.extra,
     ]
 
@@ -226,6 +226,8 @@ class Vm:
             return ""
 
     def qmp(self, name: str, **args: object) -> object:
+        if self.spec.qmp_sock is None:
+            raise RuntimeError("this VM has no QMP monitor")
         q = Qmp(self.spec.qmp_sock)
         try:
             return q.cmd(name, **args)
@@ -248,10 +250,8 @@ class Vm:
             except subprocess.TimeoutExpired:
                 log.error("QEMU pid %d did not die after SIGKILL", self.proc.pid)
         self._stderr.close()
-        try:
-            self.spec.qmp_sock.unlink()
-        except FileNotFoundError:
-            pass
+        if self.spec.qmp_sock is not None:
+            self.spec.qmp_sock.unlink(missing_ok=True)
 
 
 def start(spec: VmSpec, stderr_path: Path) -> Vm:

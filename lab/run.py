@@ -191,6 +191,7 @@ class LabRun:
         self.tracks: list[Track] = []
         self.samplers: list[Sampler] = []
         self.cleanups: list[Callable[[], None]] = []  # run before QEMU stops (faults release)
+        self._socket_dirs: list[Path] = []  # short homes of QMP sockets (_qmp_path)
         self.consoles: dict[str, console.Console] = {}
         self.t_workload = 0.0
         self.lock = threading.Lock()
@@ -409,7 +410,7 @@ class LabRun:
             xen_cmdline=f"{self.sc.xen.cmdline} dom0_mem={mem}M,max:{mem}M",
             modules=[(self.dom0_kernel, f"{self.sc.dom0.cmdline} lab.root=/dev/vda"), (self.dom0_initrd, "")],
             drives=drives, ssh_port=qemu.free_port(), console_log=self.results / "console-xen.log",
-            qmp_sock=self.work / "qmp.sock", extra=extra or [],
+            qmp_sock=self._qmp_path(), extra=extra or [],
         )
 
     def _start_qemu(self, spec: qemu.VmSpec) -> qemu.VmSpec:
@@ -534,7 +535,7 @@ class LabRun:
         drives.append(qemu.Drive(boot_disk, "lab-boot", fmt="raw", readonly=True))
         self.consoles["xen"] = console.Console(self.results / "console-xen.log", "Xen serial")
         spec = self._start_qemu(freebsd.vm_spec(
-            drives, console_log=self.results / "console-xen.log", qmp_sock=self.work / "qmp.sock", accel=accel,
+            drives, console_log=self.results / "console-xen.log", qmp_sock=self._qmp_path(), accel=accel,
             cpus=self.sc.lab.cpus, memory_mib=self.sc.lab.memory.mib, ssh_port=qemu.free_port(),
             cpu_model=self.sc.lab.cpu_model))
         assert self.vm is not None
@@ -1112,6 +1113,19 @@ class LabRun:
             self.vm.stop()
         if getattr(self, "work", None) and self.work.exists():
             shutil.rmtree(self.work, ignore_errors=True)
+        for d in self._socket_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _qmp_path(self) -> Path:
+        """The QMP socket in the run's work directory, unless that path is too long
+        for a Unix socket (108 bytes, a deep $LAB_CACHE): then in a short private
+        directory under /tmp, removed with the run."""
+        p = self.work / "qmp.sock"
+        if len(os.fsencode(p)) < 100:
+            return p
+        d = Path(__import__("tempfile").mkdtemp(prefix="lab-qmp-", dir="/tmp"))
+        self._socket_dirs.append(d)
+        return d / "qmp.sock"
 
     def _write_owner(self) -> None:
         owner = {"pid": os.getpid(), "qemu_pid": self.vm.pid if self.vm else None, "results": str(self.results)}
@@ -1125,6 +1139,7 @@ class LabRun:
         assert self.vm is not None
         info = {
             "qemu_pid": self.vm.pid, "ssh_port": self.vm.spec.ssh_port, "work": str(self.work),
+            "socket_dirs": [str(d) for d in self._socket_dirs],
             "keys": str(self.keys.dir), "guests": {n: g.ip for n, g in self.guests.items()},
         }
         (self.results / "lab.json").write_text(json.dumps(info, indent=1) + "\n")

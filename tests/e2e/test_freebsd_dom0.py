@@ -110,3 +110,50 @@ def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps and "provision.qcow2" not in ps
     assert {p: p.stat().st_mtime_ns for p in img.parent.iterdir()} == before
+
+
+def test_kernel_build_runs_for_real_up_to_the_missing_loader(results: Path, tmp_path: Path) -> None:
+    """The kernel-build path with stand-ins (blank disks as the release image and
+    the provisioned dom0 image, a two-file `sys/` tree and a patch): hash the tree,
+    tar it onto a raw disk, make the config disk with the patch, overlays for the
+    builder and the target, boot the builder VM offline. It must stop with an ERROR
+    at stage `backend` naming the loader it did not see, and leave nothing behind
+    in its cache but what was there."""
+    import subprocess
+
+    from lab.errors import LabError
+    from lab.runner import CommandLog, LocalRunner
+
+    out = results / "freebsd-kernel-build" / time.strftime("%Y%m%dT%H%M%S")
+    out.mkdir(parents=True)
+    cache = tmp_path / "cache"
+    (cache / "dom0").mkdir(parents=True)
+    base, dom0_img = tmp_path / "release.qcow2", tmp_path / "dom0.qcow2"
+    for p in (base, dom0_img):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "64M"], check=True)
+    src = tmp_path / "src"
+    (src / "sys/dev/xen/blkback").mkdir(parents=True)
+    (src / "sys/dev/xen/blkback/blkback.c").write_text("/* stand-in */\n")
+    (src / "sys/conf").mkdir()
+    (src / "sys/conf/newvers.sh").write_text("# stand-in\n")
+    patch = tmp_path / "revert-2014.patch"
+    patch.write_text("--- a/sys/dev/xen/blkback/blkback.c\n+++ b/sys/dev/xen/blkback/blkback.c\n")
+    img = freebsd.Dom0Image(dom0_img, "standin", "14.3", None, {"image": "stand-in"})
+    runner = LocalRunner(CommandLog(out / "commands.log"))
+    t = time.monotonic()
+    with pytest.raises(LabError) as e:
+        freebsd.ensure_kernel(img, src, [patch], base=base, kernconf="GENERIC", accel="tcg", cpus=2,
+                              runner=runner, results=out, cache=cache, timeout=600, loader_timeout=15)
+    took = time.monotonic() - t
+    print(e.value.message, f"({took:.1f}s)")
+    assert e.value.stage == "backend" and "FreeBSD kernel-build VM" in e.value.message
+    assert "FreeBSD's loader" in e.value.message and "milestones reached: none" in e.value.message
+    assert took < 120
+    argv = " ".join(__import__("json").loads((out / "qemu-kernel-build-argv.json").read_text()))
+    assert "serial=lab-src" in argv and "serial=lab-dom0" in argv and "serial=lab-cidata" in argv
+    assert "-netdev" not in argv and "-qmp" not in argv and "bootindex=0" in argv
+    log = (out / "commands.log").read_text()
+    assert '"tar", "-C"' in log and "--exclude=.git" in log and "genisoimage" in log and '"40G"' in log
+    assert sorted(p.name for p in (cache / "dom0").iterdir()) == []  # no work directory, no half-made image
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps
