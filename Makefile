@@ -29,7 +29,7 @@ images: deps venv
 
 # The README's test command: unit tests + the e2e tier (default on a cold and a
 # restored L1, negative control, stall, io-errors, Ctrl-C, a three-commit bisect,
-# FreeBSD: the missing-media ERROR and provisioning with stand-in media up to the loader).
+# FreeBSD: the missing-media ERROR, provisioning and kernel build with stand-ins up to the loader).
 # About 20 minutes under TCG on 2 cores.
 test: deps venv images
 	$(PY) -m pytest tests/unit tests/e2e -m "not nightly" -v
