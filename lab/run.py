@@ -399,11 +399,17 @@ class LabRun:
             self.guests[g.name] = GuestState(g, f"{GUEST_NET}.{10 + i}")
         return slots
 
+    @staticmethod
+    def _drives(disks: list[Path], slots: list[l1state.Slot], boot_disk: Path) -> list[qemu.Drive]:
+        """L1's disks, whatever the dom0 OS: each slot by its serial, then the
+        read-only disk with the guests' kernels."""
+        drives = [qemu.Drive(p, s.serial) for p, s in zip(disks, slots, strict=True)]
+        return [*drives, qemu.Drive(boot_disk, "lab-boot", fmt="raw", readonly=True)]
+
     def _spec(self, accel: str, disks: list[Path], slots: list[l1state.Slot], boot_disk: Path,
               extra: list[str] | None = None) -> qemu.VmSpec:
         mem = self.sc.dom0.memory.mib
-        drives = [qemu.Drive(p, s.serial) for p, s in zip(disks, slots, strict=True)]
-        drives.append(qemu.Drive(boot_disk, "lab-boot", fmt="raw", readonly=True))
+        drives = self._drives(disks, slots, boot_disk)
         return qemu.VmSpec(
             accel=accel, cpus=self.sc.lab.cpus, memory_mib=self.sc.lab.memory.mib,
             cpu_model=self.sc.lab.cpu_model, xen=self.xen_bin,
@@ -531,8 +537,7 @@ class LabRun:
         boot_disk = self._boot_disk()
         self.record["l1"] = {"start": "cold", "warm_start": "not for a FreeBSD dom0 yet"}
         disks = l1state.create_disks(self.work, slots)
-        drives = [qemu.Drive(p, s.serial) for p, s in zip(disks, slots, strict=True)]
-        drives.append(qemu.Drive(boot_disk, "lab-boot", fmt="raw", readonly=True))
+        drives = self._drives(disks, slots, boot_disk)
         self.consoles["xen"] = console.Console(self.results / "console-xen.log", "Xen serial")
         spec = self._start_qemu(freebsd.vm_spec(
             drives, console_log=self.results / "console-xen.log", qmp_sock=self._qmp_path(), accel=accel,
