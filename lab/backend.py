@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import images
+from lab import cache, images
 from lab.errors import LabError
 from lab.runner import LocalRunner
 
@@ -117,57 +116,52 @@ class LinuxBackendBuilder:
                 raise LabError("backend", f"patch {p}: no such file")
         self.ensure_headers()
         key = self.tree_hash(src, patches)
-        cache = images.cache_dir() / "backends" / f"linux-{key}"
+        entry = images.cache_dir() / "backends" / f"linux-{key}"
         commit = source_commit(src)
-        if not (cache / "identity.json").exists():
-            work = cache.parent / f".{cache.name}.building-{os.getpid()}"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            try:
-                for f in DRIVER_FILES:
-                    shutil.copyfile(src / DRIVER_DIR / f, work / f)
-                (work / "Kbuild").write_text(KBUILD)
-                for p in patches:
-                    res = self.run.run(["patch", "-p1", "--no-backup-if-mismatch", "-d", str(work),
-                                        "-i", str(p.resolve())], timeout=60)
-                    if not res.ok:
-                        # patches are written against the tree root: retry relative to the driver dir
-                        res = self.run.run(["patch", "-p4", "--no-backup-if-mismatch", "-d", str(work),
-                                            "-i", str(p.resolve())], timeout=60)
-                    if not res.ok:
-                        (results / "backend-build.log").write_text(res.stdout + res.stderr)
-                        raise LabError("backend", f"patch {p} does not apply: {res.stdout.strip()[-500:]}")
-                res = self.run.run(["make", "-C", str(self.headers), f"M={work}", "modules"], timeout=900)
-                (results / "backend-build.log").write_text(res.stdout + res.stderr)
-                if not res.ok:
-                    raise LabError("backend", "the backend did not build (backend-build.log has the compiler's "
-                                   f"output):\n{(res.stderr or res.stdout).strip()[-1500:]}")
-                ko = work / "xen-blkback.ko"
-                self.run.run(["strip", "--strip-debug", str(ko)], timeout=60).check("backend")
-                data = ko.read_bytes()
-                ident = {
-                    "os": "linux", "tree_hash": key, "abi": self.abi,
-                    "build_id": elf_build_id(data),
-                    "vermagic": self._modinfo(ko, "vermagic"),
-                    "srcversion": self._modinfo(ko, "srcversion"),
-                    "patches": [p.name for p in patches],
-                }
-                (work / "identity.json").write_text(json.dumps(ident, indent=1))
-                for f in work.iterdir():
-                    if f.name not in ("xen-blkback.ko", "identity.json"):
-                        f.unlink() if f.is_file() else shutil.rmtree(f)
-                if cache.exists():
-                    shutil.rmtree(work)
-                else:
-                    work.rename(cache)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            cached = False
-        else:
-            cached = True
-        ident = json.loads((cache / "identity.json").read_text())
+        cached = entry.exists()
+        if not cached:
+            cache.put(entry, lambda work: self._build_into(work, src, patches, key, results),
+                      verify=_verify_module)
+        ident = json.loads((entry / "identity.json").read_text())
         ident.update(source=str(src), commit=commit, cached=cached)
-        return Artifact(cache / "xen-blkback.ko", ident)
+        return Artifact(entry / "xen-blkback.ko", ident)
+
+    def _build_into(self, work: Path, src: Path, patches: list[Path], key: str, results: Path) -> None:
+        """Copy the driver's files into `work`, patch, compile, strip; leave only
+        the module and its identity."""
+        work.mkdir(parents=True)
+        for f in DRIVER_FILES:
+            shutil.copyfile(src / DRIVER_DIR / f, work / f)
+        (work / "Kbuild").write_text(KBUILD)
+        for p in patches:
+            res = self.run.run(["patch", "-p1", "--no-backup-if-mismatch", "-d", str(work),
+                                "-i", str(p.resolve())], timeout=60)
+            if not res.ok:
+                # patches are written against the tree root: retry relative to the driver dir
+                res = self.run.run(["patch", "-p4", "--no-backup-if-mismatch", "-d", str(work),
+                                    "-i", str(p.resolve())], timeout=60)
+            if not res.ok:
+                (results / "backend-build.log").write_text(res.stdout + res.stderr)
+                raise LabError("backend", f"patch {p} does not apply: {res.stdout.strip()[-500:]}")
+        res = self.run.run(["make", "-C", str(self.headers), f"M={work}", "modules"], timeout=900)
+        (results / "backend-build.log").write_text(res.stdout + res.stderr)
+        if not res.ok:
+            raise LabError("backend", "the backend did not build (backend-build.log has the compiler's "
+                           f"output):\n{(res.stderr or res.stdout).strip()[-1500:]}")
+        ko = work / "xen-blkback.ko"
+        self.run.run(["strip", "--strip-debug", str(ko)], timeout=60).check("backend")
+        data = ko.read_bytes()
+        ident = {
+            "os": "linux", "tree_hash": key, "abi": self.abi,
+            "build_id": elf_build_id(data),
+            "vermagic": self._modinfo(ko, "vermagic"),
+            "srcversion": self._modinfo(ko, "srcversion"),
+            "patches": [p.name for p in patches],
+        }
+        (work / "identity.json").write_text(json.dumps(ident, indent=1))
+        for left in work.iterdir():
+            if left.name not in ("xen-blkback.ko", "identity.json"):
+                left.unlink() if left.is_file() else shutil.rmtree(left)
 
     def _modinfo(self, ko: Path, field: str) -> str:
         """modinfo's fields from the .modinfo section (no kmod needed on L0)."""
@@ -178,6 +172,14 @@ class LinuxBackendBuilder:
             return ""
         j = data.find(b"\0", i + 1)
         return data[i + 1 + len(needle): j].decode(errors="replace")
+
+
+def _verify_module(work: Path) -> None:
+    for f in ("xen-blkback.ko", "identity.json"):
+        if not (work / f).is_file():
+            raise LabError("backend", f"the backend build left no {f}")
+    if elf_build_id((work / "xen-blkback.ko").read_bytes()) is None:
+        raise LabError("backend", "the built xen-blkback.ko has no GNU build-id (not an ELF64 module?)")
 
 
 BACKEND_BUILDERS = {"linux": LinuxBackendBuilder}
@@ -193,18 +195,23 @@ def pristine_tree(kernel_version: str, runner: LocalRunner | None = None) -> Pat
     dest = images.cache_dir() / "src" / f"{pkg}_{kernel_version}"
     if (dest / DRIVER_DIR / "blkback.c").exists():
         return dest
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        run.run(["apt-get", "download", f"{pkg}={kernel_version}"], timeout=900, cwd=tmp).check("backend")
-        deb = next(tmp.glob("*.deb"))
+
+    def fetch(work: Path) -> None:
+        dl = work / "download"
+        dl.mkdir(parents=True)
+        run.run(["apt-get", "download", f"{pkg}={kernel_version}"], timeout=900, cwd=dl).check("backend")
+        deb = next(dl.glob("*.deb"))
         tarball = f"./usr/src/{pkg}.tar.xz"
-        run.run(["sh", "-c", f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {tmp} {tarball}"], timeout=600).check(
+        run.run(["sh", "-c", f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {dl} {tarball}"], timeout=600).check(
             "backend")
-        run.run(["tar", "-xJf", str(tmp / tarball), "-C", str(tmp), "--wildcards", f"{pkg}/{DRIVER_DIR}/*"],
+        run.run(["tar", "-xJf", str(dl / tarball), "-C", str(dl), "--wildcards", f"{pkg}/{DRIVER_DIR}/*"],
                 timeout=600).check("backend")
-        (tmp / pkg).rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (dl / pkg / "drivers").rename(work / "drivers")
+        shutil.rmtree(dl)
+
+    def verify(work: Path) -> None:
+        if not (work / DRIVER_DIR / "blkback.c").is_file():
+            raise LabError("backend", f"{pkg}={kernel_version} holds no {DRIVER_DIR}/blkback.c")
+
+    cache.put(dest, fetch, verify=verify)
     return dest

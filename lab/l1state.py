@@ -12,9 +12,11 @@ the RAM and device state go to a file. From then on the state's disks are never
 written: the cold run writes its overlays, and every restore gets fresh overlays
 on top of the frozen disks.
 
-A state is built under `.NAME.building-PID` and renamed only when the run that
-took it reached a decision (PASS, FAIL or HANG): an interrupted save, a failed
-boot or a run the lab could not finish never leaves a state a later run loads."""
+A state is built aside (lab/cache.py: `.KEY.building-PID-TOKEN`) and renamed
+into place only when the run that took it reached a decision (PASS, FAIL or
+HANG): an interrupted save, a failed boot or a run the lab could not finish
+never leaves a state a later run loads. It takes no lock: the build is a whole
+run; two runs that race for one key each build, the first promotion wins."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import images, qemu
+from lab import cache, images, qemu
 from lab.errors import LabError
 from lab.timing import Deadline, wait_until
 
@@ -89,7 +91,7 @@ def key_inputs(spec: qemu.VmSpec, slots: list[Slot]) -> dict:
         "qemu_version": qemu.qemu_version(),
         "qemu_binary": _file_id(Path(qbin)),
         "argv": qemu.build_argv(canon),
-        "xen": _file_id(spec.xen),
+        "xen": _file_id(spec.xen) if spec.xen is not None else None,
         "modules": [_file_id(p) for p, _ in spec.modules],
         "slots": [
             {"serial": s.serial, "size": s.size,
@@ -131,9 +133,8 @@ def begin(key: str) -> State:
     """A directory to build a new state in (renamed into place by `promote`)."""
     root = states_dir()
     root.mkdir(parents=True, exist_ok=True)
-    images._remove_stale_builds(root)  # left by runs killed hard (the same rule as image builds)
-    d = root / f".{key}.building-{os.getpid()}"
-    shutil.rmtree(d, ignore_errors=True)
+    cache.sweep(root)  # left by runs killed hard
+    d = cache.aside(root / key)
     d.mkdir()
     return State(key, d)
 
@@ -197,12 +198,8 @@ def promote(state: State, verdict: str) -> State | None:
     if verdict not in PROMOTE_ON:
         shutil.rmtree(state.dir, ignore_errors=True)
         return None
-    final = states_dir() / state.key
-    if final.exists():  # another run saved the same key first
-        shutil.rmtree(state.dir, ignore_errors=True)
-        return State(state.key, final)
-    state.dir.rename(final)
-    return State(state.key, final)
+    # if another run saved the same key first, its state is kept and ours dropped
+    return State(state.key, cache.promote(state.dir, states_dir() / state.key))
 
 
 def wait_restored(vm: qemu.Vm, timeout: float) -> float:
