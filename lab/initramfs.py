@@ -1,11 +1,13 @@
-"""A small initramfs, built in pure Python: busybox, a handful of kernel modules in
-dependency order and an /init script. Debian's MODULES=most initramfs costs many
-seconds under TCG; this one holds only what mounts the root disk."""
+"""Initramfs archives, built in pure Python. `build`: a small one (busybox, a
+handful of kernel modules in dependency order and an /init script; Debian's
+MODULES=most initramfs costs many seconds under TCG) that only mounts the root
+disk. `Cpio.tree`: a whole root filesystem, for a machine whose root lives in RAM."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,8 @@ class _Entry:
     mode: int
     data: bytes = b""
     rdev: tuple[int, int] = (0, 0)
+    uid: int = 0
+    gid: int = 0
 
 
 class Cpio:
@@ -72,6 +76,9 @@ class Cpio:
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
         self._dirs: set[str] = set()
+
+    def names(self) -> set[str]:
+        return {e.name for e in self.entries}
 
     def _parents(self, name: str) -> None:
         parts = name.split("/")[:-1]
@@ -96,6 +103,40 @@ class Cpio:
         self._parents(name)
         self.entries.append(_Entry(name, stat.S_IFCHR | mode, rdev=(major, minor)))
 
+    def tree(self, root: Path, prefix: str = "") -> None:
+        """Add everything under `root` (as `prefix/...`) in a stable order, with
+        the files' modes and owners: directories, regular files, symlinks and
+        device nodes. Hard links become copies; sockets and FIFOs are skipped.
+        Times are not kept (mtime 0): the same tree gives the same bytes."""
+        top = prefix.strip("/")
+        if top:
+            self.dir(top)
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, root)
+            base = "/".join(p for p in (top, "" if rel_dir == "." else rel_dir) if p)
+            for n in sorted(dirnames + filenames):
+                full = os.path.join(dirpath, n)
+                name = f"{base}/{n}" if base else n
+                st = os.lstat(full)
+                kind = stat.S_IFMT(st.st_mode)
+                if kind == stat.S_IFDIR:
+                    if name in self._dirs:
+                        continue
+                    self._dirs.add(name)
+                    e = _Entry(name, st.st_mode)
+                elif kind == stat.S_IFREG:
+                    e = _Entry(name, st.st_mode, Path(full).read_bytes())
+                elif kind == stat.S_IFLNK:
+                    e = _Entry(name, st.st_mode, os.readlink(full).encode())
+                elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+                    e = _Entry(name, st.st_mode, rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)))
+                else:
+                    continue
+                e.uid, e.gid = st.st_uid, st.st_gid
+                self.entries.append(e)
+            # a symlink to a directory is listed in dirnames but not walked (followlinks=False)
+
     def to_bytes(self) -> bytes:
         out = io.BytesIO()
 
@@ -104,7 +145,7 @@ class Cpio:
 
         for ino, e in enumerate([*self.entries, _Entry("TRAILER!!!", 0)], start=1):
             name = e.name.encode() + b"\0"
-            fields = [ino, e.mode, 0, 0, 1, 0, len(e.data), 0, 0, e.rdev[0], e.rdev[1], len(name), 0]
+            fields = [ino, e.mode, e.uid, e.gid, 1, 0, len(e.data), 0, 0, e.rdev[0], e.rdev[1], len(name), 0]
             header = b"070701" + b"".join(b"%08X" % f for f in fields)
             out.write(header + name)
             pad(len(header) + len(name))

@@ -3,7 +3,7 @@ the lab's SSH keys. Nothing here runs mmdebstrap."""
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -141,8 +141,17 @@ def test_load_recipe_shall_read_the_guest_recipe() -> None:
     r = images.load_recipe("linux-guest")
     assert r.suite == "bookworm" and r.xen is False and r.hostkey == "guest"
     assert "fio" in r.packages
-    assert "xen-blkfront" in r.modules and "xen-blkfront" in r.initramfs_modules
+    assert "xen-blkfront" in r.modules and "xen-netfront" in r.modules
     assert isinstance(r.packages, tuple) and isinstance(r.modules, tuple)
+    # the guest's root is its initramfs: nothing of it goes through the backend under test
+    assert r.root == "initramfs" and r.initramfs_modules == () and r.root_size == ""
+    assert images.image_files(r) == ["vmlinuz", "initrd.img", "manifest.json"]
+
+
+def test_the_dom0_recipe_shall_keep_its_root_disk() -> None:
+    r = images.load_recipe("linux-dom0")
+    assert r.root == "disk"
+    assert images.image_files(r) == ["vmlinuz", "initrd.img", "manifest.json", "root.img", "xen"]
 
 
 def test_every_recipe_dir_shall_load() -> None:
@@ -172,6 +181,24 @@ def test_load_recipe_shall_refuse_unknown_and_missing_keys_and_recipes(recipes: 
         images.load_recipe("linux-guest")
     with pytest.raises(LabError, match="no image recipe"):
         images.load_recipe("linux-nothing")
+
+
+@pytest.mark.parametrize(("recipe", "edit", "error"), [
+    ("linux-guest", ('\nroot = "initramfs"', '\nroot = "nfs"'), "root = 'nfs'"),
+    ("linux-guest", ('initrd_compression = "zstd"', 'initrd_compression = "lzma"'), "lzma"),
+    ("linux-guest", ('\nroot = "initramfs"', '\nroot = "initramfs"\nroot_size = "1G"'), "no root disk"),
+    ("linux-guest", ('\nroot = "initramfs"', '\nroot = "disk"'), "needs root_size"),
+    ("linux-dom0", ('root_size = "1G"\n', ""), "needs root_size"),
+])
+def test_load_recipe_shall_refuse_a_root_it_cannot_build(
+    recipes: Path, recipe: str, edit: tuple[str, str], error: str
+) -> None:
+    f = recipes / recipe / "recipe.toml"
+    text = f.read_text()
+    assert edit[0] in text
+    f.write_text(text.replace(*edit))
+    with pytest.raises(LabError, match=re.escape(error)):
+        images.load_recipe(recipe)
 
 
 # ------------------------------------------------------------ recipe hash
@@ -271,15 +298,66 @@ def test_cache_dir_shall_follow_lab_cache_then_xdg(monkeypatch: pytest.MonkeyPat
     assert images.cache_dir() == tmp_path / "xdg" / "xen-blklab"
 
 
-def test_stale_builds_shall_be_removed_only_when_their_process_is_gone(tmp_path: Path) -> None:
-    gone = tmp_path / ".linux-guest-abc.building-999999999"  # above any pid_max
-    ours = tmp_path / f".linux-dom0-abc.building-{os.getpid()}"
-    image = tmp_path / "linux-guest-abc"
-    for d in (gone, ours, image):
-        d.mkdir()
-    images._remove_stale_builds(tmp_path)
-    assert not gone.exists()
-    assert ours.exists() and image.exists()
+@pytest.fixture
+def fake_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """ensure_image with the mmdebstrap build replaced: `files` says what it makes."""
+    state: dict = {"calls": 0, "files": ["vmlinuz", "initrd.img", "manifest.json"]}
+    final = tmp_path / "images" / "linux-guest-0123456789abcdef"
+    recipe = images.load_recipe("linux-guest")
+    monkeypatch.setattr(images, "image_path", lambda name, cache=None: (recipe, final, [], None))
+
+    def build(recipe, work, mirror, keys, run) -> None:
+        state["calls"] += 1
+        work.mkdir()
+        for f in state["files"]:
+            (work / f).write_text("{}")
+
+    monkeypatch.setattr(images, "_build", build)
+    state["final"] = final
+    return state
+
+
+def test_ensure_image_shall_build_once_into_the_cache(fake_build: dict) -> None:
+    img = images.ensure_image("linux-guest", runner=object())  # type: ignore[arg-type]
+    assert img.dir == fake_build["final"] and img.initrd.exists()
+    images.ensure_image("linux-guest", runner=object())  # type: ignore[arg-type]
+    assert fake_build["calls"] == 1
+    left = sorted(p.name for p in img.dir.parent.iterdir())
+    assert left == [f".{img.dir.name}.lock", img.dir.name], "nothing built aside is left"
+
+
+def test_ensure_image_shall_not_cache_an_image_missing_a_file(fake_build: dict) -> None:
+    fake_build["files"] = ["vmlinuz", "manifest.json"]  # no initrd.img
+    with pytest.raises(LabError, match="initrd.img"):
+        images.ensure_image("linux-guest", runner=object())  # type: ignore[arg-type]
+    assert not fake_build["final"].exists()
+    assert [p.name for p in fake_build["final"].parent.iterdir() if ".building-" in p.name] == []
+
+
+def test_prune_ram_root_shall_drop_docs_and_interpreters_but_keep_what_runs(tmp_path: Path) -> None:
+    keep = ["usr/bin/fio", "usr/sbin/sshd", "usr/bin/busybox", "usr/sbin/ip", "usr/bin/kmod",
+            "usr/lib/x86_64-linux-gnu/ceph/libceph-common.so.2", "usr/lib/modules/6.1/kernel/x.ko",
+            "var/log", "usr/bin/scp", "usr/share/fio-not-fio"]
+    drop = ["boot/vmlinuz-6.1", "usr/share/doc/fio/copyright", "usr/share/man/man1/fio.1.gz",
+            "usr/share/locale/de/LC_MESSAGES/x.mo", "usr/lib/python3.11/os.py", "usr/bin/python3.11",
+            "usr/bin/perl", "usr/bin/perl5.36.0", "usr/lib/x86_64-linux-gnu/perl-base/strict.pm",
+            "usr/lib/x86_64-linux-gnu/gconv/UTF-16.so", "var/lib/apt/lists/x_Packages", "var/cache/apt/pkgcache.bin",
+            "var/log/dpkg.log", "usr/lib/x86_64-linux-gnu/ceph/compressor/libceph_zstd.so",
+            "usr/lib/x86_64-linux-gnu/glusterfs/11.0/xlator/x.so", "var/lib/dpkg/status", "usr/bin/apt-get",
+            "usr/lib/x86_64-linux-gnu/security/pam_unix.so", "usr/lib/udev/hwdb.bin"]
+    for rel in keep + drop:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if rel == "var/log":
+            p.mkdir(exist_ok=True)
+        else:
+            p.write_bytes(b"12345")
+    freed = images.prune_ram_root(tmp_path)
+    assert freed == 5 * len(drop)
+    for rel in keep:
+        assert (tmp_path / rel).exists(), rel
+    for rel in drop:
+        assert not (tmp_path / rel).exists(), rel
 
 
 def test_kernel_abi_shall_require_exactly_one_kernel(tmp_path: Path) -> None:
@@ -305,3 +383,48 @@ def test_prune_modules_shall_keep_only_the_wanted_modules_and_their_deps(tmp_pat
     left = sorted(str(p.relative_to(moddir)) for p in moddir.rglob("*.ko"))
     assert left == ["kernel/drivers/block/xen-blkfront.ko", "kernel/fs/ext4/ext4.ko", "kernel/lib/crc16.ko"]
     assert not (tmp_path / "usr/lib/firmware").exists()
+
+
+# ------------------------------------------------------------ shared libraries nothing needs
+HOST_BIN = Path("/usr/bin/ls")
+
+
+@pytest.mark.skipif(not shutil.which("readelf") or not HOST_BIN.exists(), reason="needs readelf and /usr/bin/ls")
+def test_elf_needed_shall_match_readelf_on_a_real_binary() -> None:
+    import subprocess
+
+    out = subprocess.run(["readelf", "-d", str(HOST_BIN)], capture_output=True, text=True, check=True).stdout
+    want = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+    assert want, "readelf shows the NEEDED entries of a dynamic binary"
+    assert images.elf_needed(HOST_BIN.read_bytes())[0] == want
+
+
+@pytest.mark.parametrize("data", [b"#!/bin/sh\n", b"", b"\x7fELF\x01\x01" + bytes(60), b"\x7fELF\x02\x01" + bytes(10)])
+def test_elf_needed_of_a_script_or_a_foreign_or_truncated_file_shall_be_empty(data: bytes) -> None:
+    assert images.elf_needed(data) == ([], [])
+
+
+@pytest.mark.skipif(not HOST_BIN.exists(), reason="needs /usr/bin/ls")
+def test_prune_unused_libs_shall_keep_the_closure_of_what_is_left(tmp_path: Path) -> None:
+    """A root with one real binary: its libraries (and their soname links) stay,
+    a library nothing names goes, and so does its link."""
+    needed, _ = images.elf_needed(HOST_BIN.read_bytes())
+    libdir = tmp_path / images.LIBDIR
+    libdir.mkdir(parents=True)
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    shutil.copy(HOST_BIN, tmp_path / "usr/bin/ls")
+    for name in needed:
+        real = Path("/usr/lib/x86_64-linux-gnu") / name
+        if real.exists():
+            shutil.copy(real.resolve(), libdir / (name + ".real"))
+            (libdir / name).symlink_to(name + ".real")
+    (libdir / "libunused.so.1.2").write_bytes(b"\x7fELF" + bytes(100))
+    (libdir / "libunused.so.1").symlink_to("libunused.so.1.2")
+    (libdir / "libgcc_s.so.1").write_bytes(b"\x7fELF" + bytes(100))  # dlopened by glibc: kept
+    freed = images.prune_unused_libs(tmp_path)
+    assert freed == 104
+    assert not (libdir / "libunused.so.1").is_symlink() and not (libdir / "libunused.so.1.2").exists()
+    assert (libdir / "libgcc_s.so.1").exists()
+    for name in needed:
+        if (Path("/usr/lib/x86_64-linux-gnu") / name).exists():
+            assert (libdir / name).is_symlink() and (libdir / (name + ".real")).exists()

@@ -4,6 +4,7 @@ archive writer, read back by an independent reader (and by cpio(1) if present)."
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import stat
 import subprocess
@@ -120,6 +121,9 @@ class Member:
     rdevminor: int
     offset: int
     nlink: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
 
 
 def read_newc(blob: bytes) -> list[Member]:
@@ -132,7 +136,7 @@ def read_newc(blob: bytes) -> list[Member]:
         hdr = blob[off:off + 110]
         assert hdr[:6] == b"070701", f"bad magic at {off}: {hdr[:6]!r}"
         f = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-        (_ino, mode, _uid, _gid, nlink, _mtime, filesize, _maj, _min, rmaj, rmin, namesize, check) = f
+        (_ino, mode, uid, gid, nlink, mtime, filesize, _maj, _min, rmaj, rmin, namesize, check) = f
         assert check == 0
         name_end = off + 110 + namesize
         raw_name = blob[off + 110:name_end]
@@ -146,7 +150,7 @@ def read_newc(blob: bytes) -> list[Member]:
         if name == "TRAILER!!!":
             assert next_off == len(blob), "nothing after the trailer"
             return out
-        out.append(Member(name, mode, data, rmaj, rmin, off, nlink))
+        out.append(Member(name, mode, data, rmaj, rmin, off, nlink, uid, gid, mtime))
         off = next_off
 
 
@@ -257,3 +261,70 @@ def test_build_shall_pack_busybox_modules_in_order_and_init(tmp_path: Path) -> N
     # reproducible: the same inputs give the same bytes (gzip with mtime 0)
     assert initramfs.build(root=tmp_path, abi=abi, modules=["xen-blkfront", "crc32c_generic", "ext4"],
                            init=init, busybox=busybox) == gz
+
+
+# ------------------------------------------------------------ a whole tree (the guest's root in RAM)
+def _tree(root: Path) -> None:
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/fio").write_bytes(b"\x7fELF fio")
+    (root / "usr/bin/fio").chmod(0o755)
+    (root / "usr/bin/su").write_bytes(b"su")
+    (root / "usr/bin/su").chmod(0o4755)
+    (root / "bin").symlink_to("usr/bin")  # merged /usr: a symlink to a directory, not walked
+    (root / "root").mkdir(mode=0o700)
+    (root / "root").chmod(0o700)
+    (root / "tmp").mkdir()
+    (root / "tmp").chmod(0o1777)
+    (root / "etc").mkdir()
+    (root / "etc/shadow").write_text("root:*:")
+    (root / "etc/shadow").chmod(0o640)
+    os.link(root / "usr/bin/fio", root / "usr/bin/fio-hardlink")
+    os.mkfifo(root / "tmp/fifo")
+    if os.geteuid() == 0:
+        os.chown(root / "etc/shadow", 0, 42)
+        os.mknod(root / "console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+
+
+def test_cpio_tree_shall_keep_modes_owners_links_and_devices(tmp_path: Path) -> None:
+    _tree(tmp_path / "r")
+    c = Cpio()
+    c.tree(tmp_path / "r")
+    members = {m.name: m for m in read_newc(c.to_bytes())}
+    assert stat.S_IMODE(members["usr/bin/fio"].mode) == 0o755 and members["usr/bin/fio"].data == b"\x7fELF fio"
+    assert stat.S_IMODE(members["usr/bin/su"].mode) == 0o4755
+    assert members["usr/bin/fio-hardlink"].data == b"\x7fELF fio", "a hard link is stored as a copy"
+    assert stat.S_ISLNK(members["bin"].mode) and members["bin"].data == b"usr/bin"
+    assert not any(n.startswith("bin/") for n in members), "a symlinked directory is not walked"
+    assert stat.S_ISDIR(members["root"].mode) and stat.S_IMODE(members["root"].mode) == 0o700
+    assert stat.S_IMODE(members["tmp"].mode) == 0o1777
+    assert stat.S_IMODE(members["etc/shadow"].mode) == 0o640
+    assert "tmp/fifo" not in members
+    assert all(m.mtime == 0 for m in members.values())
+    if os.geteuid() == 0:
+        assert members["etc/shadow"].gid == 42
+        con = members["console"]
+        assert stat.S_ISCHR(con.mode) and (con.rdevmajor, con.rdevminor) == (5, 1)
+    names = list(members)
+    for i, n in enumerate(names):
+        if "/" in n:
+            assert n.rsplit("/", 1)[0] in names[:i], f"the parent of {n} comes first"
+
+
+def test_cpio_tree_shall_give_the_same_bytes_for_the_same_tree(tmp_path: Path) -> None:
+    _tree(tmp_path / "a")
+    a = Cpio()
+    a.tree(tmp_path / "a")
+    os.utime(tmp_path / "a/usr/bin/fio", (1, 1))  # times are not part of the archive
+    b = Cpio()
+    b.tree(tmp_path / "a")
+    assert a.to_bytes() == b.to_bytes()
+
+
+def test_cpio_tree_under_a_prefix_shall_not_repeat_directories(tmp_path: Path) -> None:
+    (tmp_path / "r/lib").mkdir(parents=True)
+    (tmp_path / "r/lib/x").write_text("x")
+    c = Cpio()
+    c.dir("opt/root/lib")
+    c.tree(tmp_path / "r", prefix="opt/root")
+    names = [m.name for m in read_newc(c.to_bytes())]
+    assert names == ["opt", "opt/root", "opt/root/lib", "opt/root/lib/x"]
