@@ -10,19 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from lab import freebsd, images, scenario
-from lab.run import LabRun, freebsd_version
+from lab import images, pipeline, scenario
+from lab.platform.freebsd import kernel
+from lab.platform.freebsd.kernel import ensure_kernel
+from lab.platform.freebsd.media import freebsd_version, missing_media
+from lab.platform.freebsd.provision import Dom0Image
 
 
 def test_freebsd_dom0(results: Path) -> None:
     sc = scenario.load("freebsd-dom0")
     version, how = freebsd_version(sc)
-    missing = freebsd.missing_media(image_file=sc.freebsd.image or None, packages_dir=sc.freebsd.packages or None,
-                                    cache_dir=images.cache_dir(), version=version)
+    missing = missing_media(image_file=sc.freebsd.image or None, packages_dir=sc.freebsd.packages or None,
+                            cache_dir=images.cache_dir(), version=version)
     if missing and os.environ.get("LAB_REQUIRE_FREEBSD") != "1":
         pytest.skip("FreeBSD media missing: " + "; ".join(missing))
     t = time.monotonic()
-    rec = LabRun(sc, results_root=results).execute()
+    rec = pipeline.run(sc, pipeline.Options(results_root=results))
     if missing:
         pytest.fail(f"LAB_REQUIRE_FREEBSD=1 and media missing: {rec.get('error')}")
     assert rec["verdict"] == "PASS", rec.get("error") or rec.get("summary")
@@ -35,12 +38,11 @@ def test_missing_media_is_a_fast_clear_error_that_leaves_nothing(results: Path) 
     QEMU started and no work directory left."""
     sc = scenario.load("freebsd-dom0")
     version, _ = freebsd_version(sc)
-    if not freebsd.missing_media(image_file=None, packages_dir=None, cache_dir=images.cache_dir(),
-                                 version=version):
+    if not missing_media(image_file=None, packages_dir=None, cache_dir=images.cache_dir(), version=version):
         pytest.skip("FreeBSD media are available here")
     before = set((images.cache_dir() / "runs").glob("run-*"))
     t = time.monotonic()
-    rec = LabRun(sc, results_root=results).execute()
+    rec = pipeline.run(sc, pipeline.Options(results_root=results))
     assert time.monotonic() - t < 30
     assert rec["verdict"] == "ERROR" and rec["stage"] == "image" and rec["exit_code"] == 4
     assert "[freebsd] image" in rec["error"] and "[freebsd] packages" in rec["error"]
@@ -88,7 +90,7 @@ def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
     unpacked = cache / "14.3-amd64" / img.with_suffix("").name
     t = time.monotonic()
     try:
-        rec = LabRun(sc, results_root=results, accel="tcg").execute()
+        rec = pipeline.run(sc, pipeline.Options(results_root=results, accel="tcg"))
         took = time.monotonic() - t
         assert unpacked.is_file() and unpacked.stat().st_mode & 0o222 == 0  # unpacked read-only into the cache
     finally:
@@ -105,7 +107,10 @@ def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
     argv = (Path(rec["results_dir"]) / "commands.log").read_text()
     assert "genisoimage" in argv
     # nothing left: no QEMU of this run, no half-made dom0 image, no work directory
-    assert not list(cache.glob("dom0/.*")) and not list(cache.glob("dom0/*/dom0.qcow2"))
+    # (lab.cache's lock files stay, empty: removing one another process waits on would let two builders in)
+    left = list(cache.glob("dom0/.*"))
+    assert not [p for p in left if not p.name.endswith(".lock")] and not list(cache.glob("dom0/*/dom0.qcow2"))
+    assert all(p.stat().st_size == 0 for p in left)
     assert set((images.cache_dir() / "runs").glob("run-*")) <= runs_before
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps and "provision.qcow2" not in ps
@@ -138,12 +143,12 @@ def test_kernel_build_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
     (src / "sys/conf/newvers.sh").write_text("# stand-in\n")
     patch = tmp_path / "revert-2014.patch"
     patch.write_text("--- a/sys/dev/xen/blkback/blkback.c\n+++ b/sys/dev/xen/blkback/blkback.c\n")
-    img = freebsd.Dom0Image(dom0_img, "standin", "14.3", None, {"image": "stand-in"})
+    img = Dom0Image(dom0_img, "standin", "14.3", None, {"image": "stand-in"})
     runner = LocalRunner(CommandLog(out / "commands.log"))
     t = time.monotonic()
     with pytest.raises(LabError) as e:
-        freebsd.ensure_kernel(img, src, [patch], base=base, kernconf="GENERIC", accel="tcg", cpus=2,
-                              runner=runner, results=out, cache=cache, timeout=600, loader_timeout=15)
+        ensure_kernel(img, src, [patch], base=base, kernconf="GENERIC", accel="tcg", cpus=2,
+                      runner=runner, results=out, cache=cache, timeout=600, loader_timeout=15)
     took = time.monotonic() - t
     print(e.value.message, f"({took:.1f}s)")
     assert e.value.stage == "backend" and "FreeBSD kernel-build VM" in e.value.message
@@ -154,6 +159,9 @@ def test_kernel_build_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
     assert "-netdev" not in argv and "-qmp" not in argv and "bootindex=0" in argv
     log = (out / "commands.log").read_text()
     assert '"tar", "-C"' in log and "--exclude=.git" in log and "genisoimage" in log and '"40G"' in log
-    assert sorted(p.name for p in (cache / "dom0").iterdir()) == []  # no work directory, no half-made image
+    # no work directory, no half-made image: only lab.cache's empty lock file of the entry
+    left = sorted((cache / "dom0").iterdir())
+    assert [p.name for p in left] == [f".standin-k{kernel.source_hash(src, [patch], 'GENERIC')}.lock"]
+    assert left[0].stat().st_size == 0
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps

@@ -1,4 +1,4 @@
-"""lab/freebsd.py: FreeBSD-dom0 media, provisioning, plan and blkback verdict rules.
+"""lab/platform/freebsd: FreeBSD-dom0 media, provisioning, plan and blkback verdict rules.
 
 No FreeBSD media can be fetched from the development machines, so the inputs in
 tests/data/freebsd are constructed (README.md there says from what). Downloads are
@@ -29,8 +29,9 @@ import pytest
 from labdata import DATA, xbbd_samples
 
 from lab import console
-from lab import freebsd as fb
 from lab.errors import LabError, ScenarioError
+from lab.platform import freebsd
+from lab.platform.freebsd import fetch, media, packages, render, vm, xbbd
 
 FB = DATA / "freebsd"
 REPO = FB / "repo"
@@ -38,7 +39,7 @@ V = "FreeBSD-14.3-RELEASE-amd64"
 
 
 def sums(name: str) -> dict[str, str]:
-    return fb.parse_checksum((FB / name).read_text())
+    return media.parse_checksum((FB / name).read_text())
 
 
 # ================================================================ CHECKSUM
@@ -54,94 +55,94 @@ def test_parse_checksum_shall_accept_sha256_and_ignore_other_lines() -> None:
             + (FB / "CHECKSUM.SHA256-14.3").read_text()
             + "SHA256 (short.img) = abcd\n"  # wrong length: not an entry
             + "garbage line\n-----BEGIN PGP SIGNATURE-----\n")
-    got = fb.parse_checksum(text)
+    got = media.parse_checksum(text)
     assert len(got) == 12 and "short.img" not in got
     assert all(len(v) == 64 for v in got.values())
 
 
 def test_parse_checksum_shall_fail_at_stage_media_on_a_file_with_no_entry() -> None:
     with pytest.raises(LabError) as e:
-        fb.parse_checksum("<html><body><h1>404 Not Found</h1></body></html>\n")
+        media.parse_checksum("<html><body><h1>404 Not Found</h1></body></html>\n")
     assert e.value.stage == "media" and "404 Not Found" in e.value.message
 
 
 def test_parse_checksum_shall_lowercase_digests() -> None:
-    assert fb.parse_checksum(f"SHA256 (a.img) = {'AB' * 32}\n") == {"a.img": "ab" * 32}
+    assert media.parse_checksum(f"SHA256 (a.img) = {'AB' * 32}\n") == {"a.img": "ab" * 32}
 
 
 # ================================================================ picking the image
 def test_pick_shall_prefer_basic_cloudinit_ufs_qcow2_xz() -> None:
-    assert fb.pick_vm_image(sums("CHECKSUM.SHA512-14.3"), version="14.3") == f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"
+    assert media.pick_vm_image(sums("CHECKSUM.SHA512-14.3"), version="14.3") == f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"
 
 
 def test_pick_shall_honour_fs_and_flavour_order() -> None:
     s = sums("CHECKSUM.SHA512-14.3")
-    assert fb.pick_vm_image(s, version="14.3", fs="zfs") == f"{V}-BASIC-CLOUDINIT-zfs.qcow2.xz"
-    assert fb.pick_vm_image(s, version="14.3", flavours=("",)) == f"{V}-ufs.qcow2.xz"
-    assert fb.pick_vm_image(s, version="14.3", fmt="raw") == f"{V}-BASIC-CLOUDINIT-ufs.raw.xz"
+    assert media.pick_vm_image(s, version="14.3", fs="zfs") == f"{V}-BASIC-CLOUDINIT-zfs.qcow2.xz"
+    assert media.pick_vm_image(s, version="14.3", flavours=("",)) == f"{V}-ufs.qcow2.xz"
+    assert media.pick_vm_image(s, version="14.3", fmt="raw") == f"{V}-BASIC-CLOUDINIT-ufs.raw.xz"
 
 
 def test_pick_shall_fall_back_to_plain_when_the_release_has_no_cloudinit_flavour() -> None:
     """13.x drift: no BASIC-CLOUDINIT images, no filesystem in the names (UFS only)."""
-    got = fb.pick_vm_image(sums("CHECKSUM.SHA512-13.5"), version="13.5")
+    got = media.pick_vm_image(sums("CHECKSUM.SHA512-13.5"), version="13.5")
     assert got == "FreeBSD-13.5-RELEASE-amd64.qcow2.xz"
 
 
 def test_pick_shall_see_through_snapshot_stamps_and_accept_raw_for_the_preferred_flavour() -> None:
-    got = fb.pick_vm_image(sums("CHECKSUM.SHA512-15.0-snapshot"), version="15.0")
+    got = media.pick_vm_image(sums("CHECKSUM.SHA512-15.0-snapshot"), version="15.0")
     assert got == "FreeBSD-15.0-CURRENT-amd64-BASIC-CLOUDINIT-20250605-a1b2c3d4e5f6-277845-ufs.raw.xz"
 
 
 def test_pick_shall_prefer_compressed_and_qcow2_over_raw() -> None:
     s = {f"{V}-BASIC-CLOUDINIT-ufs.qcow2": "0" * 128, f"{V}-BASIC-CLOUDINIT-ufs.raw.xz": "1" * 128,
          f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz": "2" * 128}
-    assert fb.pick_vm_image(s, version="14.3") == f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"
+    assert media.pick_vm_image(s, version="14.3") == f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"
     del s[f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"]
-    assert fb.pick_vm_image(s, version="14.3") == f"{V}-BASIC-CLOUDINIT-ufs.qcow2"
+    assert media.pick_vm_image(s, version="14.3") == f"{V}-BASIC-CLOUDINIT-ufs.qcow2"
 
 
 def test_pick_shall_list_the_candidates_when_none_fits() -> None:
     s = sums("CHECKSUM.SHA512-13.5")
     with pytest.raises(LabError) as e:
-        fb.pick_vm_image(s, version="14.3")
+        media.pick_vm_image(s, version="14.3")
     assert e.value.stage == "media"
     assert all(name in e.value.message for name in s)
     with pytest.raises(LabError):
-        fb.pick_vm_image(sums("CHECKSUM.SHA512-14.3"), version="14.3", arch="arm64")
+        media.pick_vm_image(sums("CHECKSUM.SHA512-14.3"), version="14.3", arch="arm64")
 
 
 # ================================================================ releases and URLs
 def test_latest_release_shall_pick_the_highest_minor_of_the_major() -> None:
     html = (FB / "vm-images-index.html").read_text()
-    assert fb.latest_release(html) == "14.3"
-    assert fb.latest_release(html, 13) == "13.5"
-    assert fb.latest_release(html, 15) == "15.0"
+    assert media.latest_release(html) == "14.3"
+    assert media.latest_release(html, 13) == "13.5"
+    assert media.latest_release(html, 15) == "15.0"
 
 
 def test_latest_release_shall_compare_minors_as_numbers() -> None:
     html = '<a href="14.9-RELEASE/">14.9-RELEASE/</a>\n<a href="14.10-RELEASE/">14.10-RELEASE/</a>\n' \
            '<a href="4.11-RELEASE/">4.11-RELEASE/</a>\n<a href="114.12-RELEASE/">x</a>'
-    assert fb.latest_release(html) == "14.10"
+    assert media.latest_release(html) == "14.10"
 
 
 def test_latest_release_shall_fail_when_the_major_is_absent() -> None:
     with pytest.raises(LabError) as e:
-        fb.latest_release((FB / "vm-images-index.html").read_text(), 12)
+        media.latest_release((FB / "vm-images-index.html").read_text(), 12)
     assert e.value.stage == "media" and "12.x" in e.value.message
 
 
 def test_urls_shall_follow_the_release_layouts() -> None:
-    assert fb.vm_image_base("14.3", "amd64") == \
+    assert media.vm_image_base("14.3", "amd64") == \
         "https://download.freebsd.org/releases/VM-IMAGES/14.3-RELEASE/amd64/Latest/"
-    assert fb.pkg_repo_base("14.3", "amd64") == "https://pkg.freebsd.org/FreeBSD:14:amd64/release_3/"
-    assert fb.pkg_repo_base("13.5") == "https://pkg.freebsd.org/FreeBSD:13:amd64/release_5/"
+    assert packages.pkg_repo_base("14.3", "amd64") == "https://pkg.freebsd.org/FreeBSD:14:amd64/release_3/"
+    assert packages.pkg_repo_base("13.5") == "https://pkg.freebsd.org/FreeBSD:13:amd64/release_5/"
     with pytest.raises(ScenarioError):
-        fb.pkg_repo_base("14", "amd64")
+        packages.pkg_repo_base("14", "amd64")
 
 
 # ================================================================ package catalogue
-def catalogue() -> dict[str, fb.Pkg]:
-    return fb.parse_packagesite((REPO / "packagesite.yaml").read_text())
+def catalogue() -> dict[str, packages.Pkg]:
+    return packages.parse_packagesite((REPO / "packagesite.yaml").read_text())
 
 
 def test_parse_packagesite_shall_read_each_manifest_line() -> None:
@@ -157,55 +158,55 @@ def test_parse_packagesite_shall_read_each_manifest_line() -> None:
 
 def test_parse_packagesite_shall_prefer_repopath_and_name_bad_lines() -> None:
     line = {"name": "a", "version": "1", "sum": "0" * 64, "path": "All/a-1.pkg", "repopath": "All/Hashed/a-1~0.pkg"}
-    assert fb.parse_packagesite(json.dumps(line))["a"].path == "All/Hashed/a-1~0.pkg"
+    assert packages.parse_packagesite(json.dumps(line))["a"].path == "All/Hashed/a-1~0.pkg"
     for bad, why in [("{not json", "line 2"), (json.dumps({"name": "b", "version": "1", "path": "x"}), "line 2"),
                      (json.dumps({**line, "sum": "xyz"}), "sha256"), (json.dumps(line), "twice")]:
         with pytest.raises(LabError) as e:
-            fb.parse_packagesite(json.dumps(line) + "\n" + bad + "\n")
+            packages.parse_packagesite(json.dumps(line) + "\n" + bad + "\n")
         assert e.value.stage == "media" and why in e.value.message, bad
 
 
 def test_resolve_shall_give_the_closure_deps_first_each_once() -> None:
     cat = catalogue()
-    order = fb.resolve(cat, fb.DOM0_PACKAGES)
+    order = packages.resolve(cat, packages.DOM0_PACKAGES)
     names = [p.name for p in order]
     assert len(names) == len(set(names))
     assert set(names) == set(cat) - {"zsh"}  # zsh is in the repository, nothing needs it
     for i, p in enumerate(order):
         for d in p.deps:
             assert names.index(d) < i, f"{d} must come before {p.name}"
-    assert fb.resolve(cat) == fb.resolve(cat, ["xen-kernel", "xen-tools"])
-    assert [p.name for p in fb.resolve(cat, ["xen-kernel"])] == ["xen-kernel"]
+    assert packages.resolve(cat) == packages.resolve(cat, ["xen-kernel", "xen-tools"])
+    assert [p.name for p in packages.resolve(cat, ["xen-kernel"])] == ["xen-kernel"]
 
 
 def test_resolve_shall_name_a_missing_dependency_and_who_needs_it() -> None:
     cat = catalogue()
     del cat["pixman"]
     with pytest.raises(LabError) as e:
-        fb.resolve(cat)
+        packages.resolve(cat)
     assert e.value.stage == "media" and "pixman" in e.value.message and "xen-tools" in e.value.message
     with pytest.raises(LabError) as e:
-        fb.resolve(catalogue(), ["xen-toolz"])
+        packages.resolve(catalogue(), ["xen-toolz"])
     assert "xen-toolz" in e.value.message
 
 
 def test_resolve_shall_survive_a_dependency_cycle() -> None:
-    mk = lambda n, d: fb.Pkg(n, "1", "", f"All/{n}-1.pkg", "0" * 64, 1, d)  # noqa: E731
+    mk = lambda n, d: packages.Pkg(n, "1", "", f"All/{n}-1.pkg", "0" * 64, 1, d)  # noqa: E731
     cat = {"a": mk("a", ("b",)), "b": mk("b", ("a",))}
-    assert sorted(p.name for p in fb.resolve(cat, ["a"])) == ["a", "b"]
+    assert sorted(p.name for p in packages.resolve(cat, ["a"])) == ["a", "b"]
 
 
 def test_package_order_shall_put_pkg_first_then_deps_first() -> None:
-    order = fb.resolve(catalogue(), ["xen-tools", "pkg"])
-    lines = fb.package_order(order).splitlines()
+    order = packages.resolve(catalogue(), ["xen-tools", "pkg"])
+    lines = packages.package_order(order).splitlines()
     assert lines[0] == "pkg-2.1.2.pkg" and lines.count("pkg-2.1.2.pkg") == 1
     assert lines.index("yajl-2.1.0_4.pkg") < lines.index("xen-tools-4.19.2_1.pkg")
 
 
 def test_meta_conf_shall_parse_ucl_and_json_forms_with_defaults() -> None:
-    ucl = fb.parse_meta_conf((REPO / "meta.conf").read_text())
+    ucl = packages.parse_meta_conf((REPO / "meta.conf").read_text())
     assert ucl["version"] == 2 and ucl["packing_format"] == "txz" and ucl["manifests_archive"] == "packagesite"
-    js = fb.parse_meta_conf('{ "version": 2, "packing_format": "tzst", "manifests": "packagesite.yaml" }')
+    js = packages.parse_meta_conf('{ "version": 2, "packing_format": "tzst", "manifests": "packagesite.yaml" }')
     assert js["packing_format"] == "tzst" and js["manifests_archive"] == "packagesite"
 
 
@@ -226,7 +227,7 @@ def packagesite_pkg(fmt: str) -> bytes:
 def test_packagesite_text_shall_unpack_xz_and_zstd_catalogues(fmt: str) -> None:
     if fmt == "tzst" and not shutil.which("zstd"):
         pytest.skip("no zstd tool here")
-    assert fb.packagesite_text(packagesite_pkg(fmt)) == (REPO / "packagesite.yaml").read_text()
+    assert packages.packagesite_text(packagesite_pkg(fmt)) == (REPO / "packagesite.yaml").read_text()
 
 
 def test_packagesite_text_shall_fail_on_an_archive_without_the_manifests() -> None:
@@ -234,7 +235,7 @@ def test_packagesite_text_shall_fail_on_an_archive_without_the_manifests() -> No
     with tarfile.open(fileobj=buf, mode="w"):
         pass
     with pytest.raises(LabError) as e:
-        fb.packagesite_text(buf.getvalue())
+        packages.packagesite_text(buf.getvalue())
     assert e.value.stage == "media" and "packagesite.yaml" in e.value.message
 
 
@@ -333,7 +334,7 @@ def leftovers(d: Path) -> list[str]:
 def test_fetch_shall_download_verify_and_report_progress(server: Served, tmp_path: Path) -> None:
     server.files["/img.xz"] = BIG
     seen: list[tuple[int, int | None]] = []
-    path = fb.Fetcher(tmp_path, progress=lambda d, t: seen.append((d, t))).fetch(
+    path = fetch.Fetcher(tmp_path, progress=lambda d, t: seen.append((d, t))).fetch(
         server.base + "img.xz", sha512=BIG_SHA512)
     assert path == tmp_path / "img.xz" and path.read_bytes() == BIG
     assert not (tmp_path / "img.xz.part").exists()
@@ -346,7 +347,7 @@ def test_fetch_shall_reject_a_corrupted_file_and_leave_nothing_behind(server: Se
     bad[1000] ^= 0xFF
     server.files["/img.xz"] = bytes(bad)
     with pytest.raises(LabError) as e:
-        fb.Fetcher(tmp_path).fetch(server.base + "img.xz", sha512=BIG_SHA512)
+        fetch.Fetcher(tmp_path).fetch(server.base + "img.xz", sha512=BIG_SHA512)
     msg = e.value.message
     assert e.value.stage == "media" and "img.xz" in msg and BIG_SHA512 in msg
     assert hashlib.sha512(bytes(bad)).hexdigest() in msg
@@ -356,7 +357,7 @@ def test_fetch_shall_reject_a_corrupted_file_and_leave_nothing_behind(server: Se
 def test_fetch_shall_keep_the_part_of_an_interrupted_transfer_and_resume_it(server: Served, tmp_path: Path) -> None:
     server.files["/img.xz"] = BIG
     server.cut["/img.xz"] = 1
-    f = fb.Fetcher(tmp_path, attempts=1)
+    f = fetch.Fetcher(tmp_path, attempts=1)
     with pytest.raises(LabError) as e:
         f.fetch(server.base + "img.xz", sha512=BIG_SHA512)
     assert "interrupted" in e.value.message and "resumes" in e.value.message
@@ -372,7 +373,7 @@ def test_fetch_shall_keep_the_part_of_an_interrupted_transfer_and_resume_it(serv
 def test_fetch_shall_resume_within_one_call_when_attempts_remain(server: Served, tmp_path: Path) -> None:
     server.files["/img.xz"] = BIG
     server.cut["/img.xz"] = 2
-    path = fb.Fetcher(tmp_path, attempts=3).fetch(server.base + "img.xz", sha512=BIG_SHA512)
+    path = fetch.Fetcher(tmp_path, attempts=3).fetch(server.base + "img.xz", sha512=BIG_SHA512)
     assert path.read_bytes() == BIG
     assert [r[1] is not None for r in server.log] == [False, True, True]
 
@@ -383,7 +384,7 @@ def test_fetch_shall_restart_cleanly_when_the_server_ignores_range(server: Serve
     server.files["/img.xz"] = BIG
     server.honour_range = False
     (tmp_path / "img.xz.part").write_bytes(b"\x00" * 5000)
-    path = fb.Fetcher(tmp_path).fetch(server.base + "img.xz", sha512=BIG_SHA512)
+    path = fetch.Fetcher(tmp_path).fetch(server.base + "img.xz", sha512=BIG_SHA512)
     assert path.read_bytes() == BIG
     assert server.log == [("/img.xz", "bytes=5000-", 200)]
 
@@ -391,13 +392,13 @@ def test_fetch_shall_restart_cleanly_when_the_server_ignores_range(server: Serve
 def test_fetch_shall_finish_a_part_that_is_already_whole(server: Served, tmp_path: Path) -> None:
     server.files["/img.xz"] = BIG
     (tmp_path / "img.xz.part").write_bytes(BIG)
-    assert fb.Fetcher(tmp_path).fetch(server.base + "img.xz", sha512=BIG_SHA512).read_bytes() == BIG
+    assert fetch.Fetcher(tmp_path).fetch(server.base + "img.xz", sha512=BIG_SHA512).read_bytes() == BIG
     assert server.log == [("/img.xz", f"bytes={len(BIG)}-", 416)]
 
 
 def test_fetch_shall_reuse_a_verified_cache_file_and_replace_a_damaged_one(server: Served, tmp_path: Path) -> None:
     server.files["/img.xz"] = BIG
-    f = fb.Fetcher(tmp_path)
+    f = fetch.Fetcher(tmp_path)
     path = f.fetch(server.base + "img.xz", sha512=BIG_SHA512)
     f.fetch(server.base + "img.xz", sha512=BIG_SHA512)
     assert len(server.log) == 1  # the second call did not touch the network
@@ -408,7 +409,7 @@ def test_fetch_shall_reuse_a_verified_cache_file_and_replace_a_damaged_one(serve
 
 def test_fetch_shall_name_the_http_error(server: Served, tmp_path: Path) -> None:
     with pytest.raises(LabError) as e:
-        fb.Fetcher(tmp_path).fetch(server.base + "nope.xz", sha256="0" * 64)
+        fetch.Fetcher(tmp_path).fetch(server.base + "nope.xz", sha256="0" * 64)
     assert e.value.stage == "media" and "404" in e.value.message and "nope.xz" in e.value.message
     assert leftovers(tmp_path) == []
 
@@ -417,7 +418,7 @@ def test_fetch_shall_give_up_on_a_silent_server_within_its_timeout(server: Serve
     server.stall.add("/slow.xz")
     t0 = time.monotonic()
     with pytest.raises(LabError) as e:
-        fb.Fetcher(tmp_path, timeout=0.5).fetch(server.base + "slow.xz", sha256="0" * 64)
+        fetch.Fetcher(tmp_path, timeout=0.5).fetch(server.base + "slow.xz", sha256="0" * 64)
     assert time.monotonic() - t0 < 2.5
     assert e.value.stage == "media" and "slow.xz" in e.value.message
 
@@ -426,7 +427,7 @@ def test_fetch_shall_follow_same_origin_redirects_only(server: Served, tmp_path:
     server.files["/real.xz"] = BIG
     server.redirects["/moved.xz"] = "/real.xz"
     server.redirects["/away.xz"] = f"http://localhost:{server.port}/real.xz"
-    f = fb.Fetcher(tmp_path)
+    f = fetch.Fetcher(tmp_path)
     assert f.fetch(server.base + "moved.xz", sha512=BIG_SHA512).read_bytes() == BIG
     with pytest.raises(LabError) as e:
         f.fetch(server.base + "away.xz", sha512=BIG_SHA512)
@@ -435,7 +436,7 @@ def test_fetch_shall_follow_same_origin_redirects_only(server: Served, tmp_path:
 
 def test_fetch_without_digest_shall_reuse_the_cache_unless_refreshed(server: Served, tmp_path: Path) -> None:
     server.files["/CHECKSUM.SHA512"] = b"one\n"
-    f = fb.Fetcher(tmp_path)
+    f = fetch.Fetcher(tmp_path)
     assert f.fetch(server.base, name="CHECKSUM.SHA512", dest="x/CHECKSUM.SHA512").read_text() == "one\n"
     server.files["/CHECKSUM.SHA512"] = b"two\n"
     assert f.fetch(server.base, name="CHECKSUM.SHA512", dest="x/CHECKSUM.SHA512").read_text() == "one\n"
@@ -446,7 +447,7 @@ def test_fetch_without_digest_shall_reuse_the_cache_unless_refreshed(server: Ser
 def test_fetch_shall_refuse_paths_that_leave_the_cache(tmp_path: Path) -> None:
     for bad in ("../x.pkg", "/etc/passwd", "All/../../x"):
         with pytest.raises(LabError):
-            fb.Fetcher(tmp_path).fetch("http://127.0.0.1:1/", name=bad)
+            fetch.Fetcher(tmp_path).fetch("http://127.0.0.1:1/", name=bad)
 
 
 def test_fetch_of_a_local_file_shall_verify_it_in_place_and_never_delete_it(tmp_path: Path) -> None:
@@ -454,7 +455,7 @@ def test_fetch_of_a_local_file_shall_verify_it_in_place_and_never_delete_it(tmp_
     img.parent.mkdir()
     img.write_bytes(BIG)
     cache = tmp_path / "cache"
-    f = fb.Fetcher(cache)
+    f = fetch.Fetcher(cache)
     assert f.fetch(str(img), sha512=BIG_SHA512) == img
     assert f.fetch(f"file://{img}", sha512=BIG_SHA512) == img
     with pytest.raises(LabError) as e:
@@ -467,7 +468,7 @@ def test_fetch_of_a_local_file_shall_verify_it_in_place_and_never_delete_it(tmp_
 
 def test_fetch_of_a_local_directory_shall_find_repository_and_flat_layouts(tmp_path: Path) -> None:
     xt = catalogue()["xen-tools"]
-    f = fb.Fetcher(tmp_path / "cache")
+    f = fetch.Fetcher(tmp_path / "cache")
     assert f.fetch(str(REPO), name=xt.path, sha256=xt.sha256) == REPO / xt.path
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -484,7 +485,7 @@ def test_get_image_shall_pick_from_checksum_and_verify_the_download(server: Serv
     listing[good] = BIG_SHA512
     server.files["/r/CHECKSUM.SHA512"] = "".join(f"SHA512 ({n}) = {h}\n" for n, h in sorted(listing.items())).encode()
     server.files[f"/r/{good}"] = BIG
-    path = fb.get_image(fb.Fetcher(tmp_path), version="14.3", base_url=server.base + "r/")
+    path = media.get_image(fetch.Fetcher(tmp_path), version="14.3", base_url=server.base + "r/")
     assert path == tmp_path / "freebsd/14.3-amd64" / good and path.read_bytes() == BIG
     assert [r[0] for r in server.log] == ["/r/CHECKSUM.SHA512", f"/r/{good}"]
 
@@ -493,11 +494,11 @@ def test_get_image_from_a_local_file_shall_need_the_checksum_beside_it(tmp_path:
     img = tmp_path / f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"
     img.write_bytes(BIG)
     with pytest.raises(LabError) as e:
-        fb.get_image(fb.Fetcher(tmp_path / "c"), version="14.3", source=str(img))
+        media.get_image(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(img))
     assert "CHECKSUM.SHA512" in e.value.message
     (tmp_path / "CHECKSUM.SHA512").write_text(f"SHA512 ({img.name}) = {BIG_SHA512}\n")
-    assert fb.get_image(fb.Fetcher(tmp_path / "c"), version="14.3", source=str(img)) == img
-    assert fb.get_image(fb.Fetcher(tmp_path / "c"), version="14.3", source=str(tmp_path)) == img
+    assert media.get_image(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(img)) == img
+    assert media.get_image(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(tmp_path)) == img
 
 
 @pytest.mark.parametrize("fmt", ["txz", "tzst"])
@@ -509,9 +510,9 @@ def test_get_packages_shall_resolve_and_verify_from_a_repository(server: Served,
     server.files[repo + "packagesite.pkg"] = packagesite_pkg(fmt)
     for p in (REPO / "All").iterdir():
         server.files[repo + "All/" + p.name] = p.read_bytes()
-    got = fb.get_packages(fb.Fetcher(tmp_path), version="14.3", source=server.base + repo.lstrip("/"))
+    got = packages.get_packages(fetch.Fetcher(tmp_path), version="14.3", source=server.base + repo.lstrip("/"))
     names = [p.name for p, _ in got]
-    assert names == [p.name for p in fb.resolve(catalogue(), fb.DOM0_PACKAGES)]
+    assert names == [p.name for p in packages.resolve(catalogue(), packages.DOM0_PACKAGES)]
     cache = tmp_path / "freebsd/pkg/FreeBSD_14_amd64/release_3"
     for pkg, path in got:
         assert path == cache / pkg.path and hashlib.sha256(path.read_bytes()).hexdigest() == pkg.sha256
@@ -519,7 +520,7 @@ def test_get_packages_shall_resolve_and_verify_from_a_repository(server: Served,
 
 
 def test_get_packages_from_a_local_directory_shall_use_the_files_in_place(tmp_path: Path) -> None:
-    got = fb.get_packages(fb.Fetcher(tmp_path), version="14.3", source=str(REPO))
+    got = packages.get_packages(fetch.Fetcher(tmp_path), version="14.3", source=str(REPO))
     assert all(path == REPO / pkg.path for pkg, path in got)
     assert leftovers(tmp_path) == []
 
@@ -529,7 +530,7 @@ def test_get_packages_shall_reject_a_tampered_package(tmp_path: Path) -> None:
     shutil.copytree(REPO, d)
     (d / "All/yajl-2.1.0_4.pkg").write_bytes(b"tampered")
     with pytest.raises(LabError) as e:
-        fb.get_packages(fb.Fetcher(tmp_path / "c"), version="14.3", source=str(d))
+        packages.get_packages(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(d))
     assert "yajl" in e.value.message and "sha256 mismatch" in e.value.message
 
 
@@ -538,19 +539,19 @@ def test_decompress_image_shall_unpack_with_xz_atomically(tmp_path: Path) -> Non
     raw = tmp_path / "img.qcow2"
     raw.write_bytes(BIG)
     subprocess.run(["xz", "-z", str(raw)], check=True)
-    out = fb.decompress_image(tmp_path / "img.qcow2.xz")
+    out = media.decompress_image(tmp_path / "img.qcow2.xz")
     assert out == raw and out.read_bytes() == BIG and not (tmp_path / "img.qcow2.part").exists()
     bad = tmp_path / "bad.raw.xz"
     bad.write_bytes(b"not xz")
     with pytest.raises(LabError):
-        fb.decompress_image(bad)
+        media.decompress_image(bad)
     assert not (tmp_path / "bad.raw").exists() and not (tmp_path / "bad.raw.part").exists()
 
 
 # ================================================================ rendering
 def loader_conf(**kw: object) -> str:
     args: dict = {"dom0_mem_mb": 1024, "dom0_vcpus": 2, "iommu": False, **kw}
-    return fb.render_loader_conf(**args)
+    return render.render_loader_conf(**args)
 
 
 def loader_vars(text: str) -> dict[str, str]:
@@ -591,7 +592,7 @@ STOCK_DIRS = {"/boot", "/etc", "/etc/ssh", "/etc/rc.d"}
 
 
 def user_data() -> tuple[str, dict]:
-    text = fb.render_user_data(authorized_key=PUB, host_key_private=PRIV, host_key_public=HOST_PUB,
+    text = render.render_user_data(authorized_key=PUB, host_key_private=PRIV, host_key_public=HOST_PUB,
                                packages_dir="packages", loader_conf=loader_conf())
     header, _, body = text.partition("\n")
     assert header == "#cloud-config"
@@ -638,7 +639,7 @@ def test_user_data_runcmd_shall_install_offline_configure_and_power_off() -> Non
     assert "memorylocked=unlimited" in script
     assert [line for line in run if "poweroff" in line][0].startswith("trap ")  # on every exit, before any step
     assert "install -d -m 700 /root/.ssh" in script  # write_files would not create it
-    assert f"cd {fb.CIDATA_MOUNT}/packages" in script
+    assert f"cd {render.CIDATA_MOUNT}/packages" in script
 
 
 def test_user_data_shall_refuse_bad_keys_and_paths() -> None:
@@ -646,24 +647,24 @@ def test_user_data_shall_refuse_bad_keys_and_paths() -> None:
             "packages_dir": "packages", "loader_conf": ""}
     for k, v in [("authorized_key", "not a key"), ("host_key_private", "secret"), ("packages_dir", "a b;rm")]:
         with pytest.raises(LabError):
-            fb.render_user_data(**{**base, k: v})
+            render.render_user_data(**{**base, k: v})
 
 
 def test_build_script_shall_patch_in_order_build_and_install_into_the_dom0_disk() -> None:
-    lines = fb.build_script(patches=["/p/revert-2014.patch", "/q/debug.patch"], ident="abc123")
+    lines = render.build_script(patches=["/p/revert-2014.patch", "/q/debug.patch"], ident="abc123")
     sh_syntax_ok(lines)
     script = "\n".join(lines)
     steps = ["0000-revert-2014.patch", "0001-debug.patch", "kernel-toolchain", "buildkernel KERNCONF=GENERIC",
              "installkernel KERNCONF=GENERIC DESTDIR=/mnt", "xen-blklab.id", "lab-build: done abc123"]
     at = [script.index(s) for s in steps]
     assert at == sorted(at)
-    assert fb.SRC_SERIAL in script and fb.TARGET_SERIAL in script
+    assert render.SRC_SERIAL in script and render.TARGET_SERIAL in script
     with pytest.raises(LabError):
-        fb.build_script(patches=[], ident="a;reboot")
+        render.build_script(patches=[], ident="a;reboot")
 
 
 def test_meta_data_shall_be_yaml_scalars_nuageinit_reads() -> None:
-    text = fb.render_meta_data(instance_id="dom0-abc")
+    text = render.render_meta_data(instance_id="dom0-abc")
     assert text == 'instance-id: "dom0-abc"\nlocal-hostname: "lab-dom0"\n'
 
 
@@ -671,7 +672,7 @@ def test_provisioning_shall_report_one_fatal_line_and_power_off_on_failure(tmp_p
     """Run the script's first lines for real (sh), with a failing step and a fake poweroff."""
     (tmp_path / "poweroff").write_text("#!/bin/sh\necho POWEROFF\n")
     (tmp_path / "poweroff").chmod(0o755)
-    run = fb.provision_script(packages_dir="packages")[:4] + ["fail 'cannot mount the config disk'"]
+    run = render.provision_script(packages_dir="packages")[:4] + ["fail 'cannot mount the config disk'"]
     res = subprocess.run(["sh", "-c", "\n".join(run)], capture_output=True, text=True,
                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert res.returncode == 1
@@ -683,21 +684,21 @@ def test_provisioning_shall_report_one_fatal_line_and_power_off_on_failure(tmp_p
 
 
 def test_cidata_shall_be_an_iso_labelled_lowercase_cidata() -> None:
-    argv = fb.cidata_argv(Path("/s"), Path("/o.iso"))
+    argv = render.cidata_argv(Path("/s"), Path("/o.iso"))
     assert argv[0] == "genisoimage" and argv[argv.index("-volid") + 1] == "cidata" and "-rock" in argv
 
 
 def test_milestones_shall_match_freebsd_console_lines() -> None:
-    assert fb.FREEBSD_KERNEL.pattern.search(b"FreeBSD 14.3-RELEASE releng/14.3-n271432-8c9ce319fef7 GENERIC amd64")
-    assert fb.FREEBSD_KERNEL.pattern.search(b"FreeBSD 14.3-RELEASE-p2 GENERIC amd64")
-    assert fb.PROVISIONED.pattern.search(b"lab-provision: done\r\n")
-    assert not fb.PROVISIONED.pattern.search(b"lab-provision: FATAL: pkg add")
+    assert vm.FREEBSD_KERNEL.pattern.search(b"FreeBSD 14.3-RELEASE releng/14.3-n271432-8c9ce319fef7 GENERIC amd64")
+    assert vm.FREEBSD_KERNEL.pattern.search(b"FreeBSD 14.3-RELEASE-p2 GENERIC amd64")
+    assert vm.PROVISIONED.pattern.search(b"lab-provision: done\r\n")
+    assert not vm.PROVISIONED.pattern.search(b"lab-provision: FATAL: pkg add")
 
 
 # ================================================================ sysctl dev.xbbd
 def series(name: str) -> list[tuple[float, dict[int, dict[str, int | str]]]]:
     """A constructed capture, parsed: (t, {unit: nodes})."""
-    return [(t, fb.parse_xbbd(text)) for t, text in xbbd_samples(name)]
+    return [(t, xbbd.parse_xbbd(text)) for t, text in xbbd_samples(name)]
 
 
 def unit(name: str, u: int = 0) -> list[tuple[float, dict[str, int | str]]]:
@@ -708,15 +709,15 @@ def test_parse_xbbd_shall_split_units_and_keep_types() -> None:
     units = series("xbbd-healthy.txt")[3][1]
     assert sorted(units) == [0, 1]
     u0 = units[0]
-    assert set(fb.XBBD_COUNTERS) <= set(u0)
-    assert all(isinstance(u0[k], int) for k in fb.XBBD_COUNTERS)
+    assert set(xbbd.XBBD_COUNTERS) <= set(u0)
+    assert all(isinstance(u0[k], int) for k in xbbd.XBBD_COUNTERS)
     assert u0["%desc"] == "Backend Virtual Block Device" and u0["%location"] == "" and u0["%pnpinfo"] == ""
     assert u0["xenstore_path"] == "backend/vbd/1/51728" and u0["xenbus_peer_domid"] == 1
     assert u0["max_requests"] == 32
 
 
 def test_parse_xbbd_shall_ignore_other_trees_and_the_devclass_node() -> None:
-    got = fb.parse_xbbd("dev.xbbd.%parent: \ndev.xbd.0.max_requests: 32\nkern.ostype: FreeBSD\n"
+    got = xbbd.parse_xbbd("dev.xbbd.%parent: \ndev.xbd.0.max_requests: 32\nkern.ostype: FreeBSD\n"
                         "dev.xbbd.2.reqs_received: 18446744073709551615\r\n")
     assert got == {2: {"reqs_received": 18446744073709551615}}
 
@@ -724,45 +725,45 @@ def test_parse_xbbd_shall_ignore_other_trees_and_the_devclass_node() -> None:
 def test_point_shall_compute_inflight_with_and_without_the_2014_counters() -> None:
     c = {"reqs_received": 100, "reqs_completed": 60, "reqs_queued_for_completion": 15,
          "reqs_completed_with_error": 2, "request_shortages": 0, "kva_shortages": 0, "max_requests": 32}
-    p = fb.FreeBsdPoint.from_counters(1.0, c)
+    p = xbbd.FreeBsdPoint.from_counters(1.0, c)
     assert p.inflight == 25 and p.completed_with_error == 2
-    old = {k: v for k, v in c.items() if k not in fb.FIX_2014_COUNTERS}
-    q = fb.FreeBsdPoint.from_counters(1.0, old)
+    old = {k: v for k, v in c.items() if k not in xbbd.FIX_2014_COUNTERS}
+    q = xbbd.FreeBsdPoint.from_counters(1.0, old)
     assert q.queued_for_completion is None and q.completed_with_error is None and q.inflight == 40
     with pytest.raises(LabError):
-        fb.FreeBsdPoint.from_counters(0.0, {"%desc": "Backend Virtual Block Device"})
+        xbbd.FreeBsdPoint.from_counters(0.0, {"%desc": "Backend Virtual Block Device"})
 
 
 def test_healthy_series_shall_pass_every_rule() -> None:
     for u in (0, 1):
-        r = fb.xbbd_check(unit("xbbd-healthy.txt", u), stall_window=3)
+        r = xbbd.xbbd_check(unit("xbbd-healthy.txt", u), stall_window=3)
         assert r["hang"] is None and r["errors"] == 0 and r["invariant_violations"] == []
         assert r["shortages"] == {"request_shortages": 0, "kva_shortages": 0} and r["missing"] == []
 
 
 def test_a_queue_stuck_non_zero_shall_hang_after_the_stall_window() -> None:
     s = unit("xbbd-hung-queued.txt")
-    r = fb.xbbd_check(s, stall_window=30)
+    r = xbbd.xbbd_check(s, stall_window=30)
     assert r["hang"] is not None
     assert "reqs_queued_for_completion stuck at 5" in r["hang"]["cause"]
     assert (r["hang"]["since_t"], r["hang"]["detected_t"]) == (10.0, 40.0)
-    assert fb.xbbd_check(s, stall_window=31)["hang"] is None  # 30 s stuck: not yet
-    assert fb.xbbd_check(s[:7], stall_window=30)["hang"] is None  # at t=30: 20 s stuck
+    assert xbbd.xbbd_check(s, stall_window=31)["hang"] is None  # 30 s stuck: not yet
+    assert xbbd.xbbd_check(s[:7], stall_window=30)["hang"] is None  # at t=30: 20 s stuck
 
 
 def test_a_pre_2014_kernel_shall_be_judged_without_the_two_counters() -> None:
     s = unit("xbbd-pre2014.txt")
-    r = fb.xbbd_check(s, stall_window=30)
-    assert r["missing"] == list(fb.FIX_2014_COUNTERS)
+    r = xbbd.xbbd_check(s, stall_window=30)
+    assert r["missing"] == list(xbbd.FIX_2014_COUNTERS)
     assert r["errors"] is None
     assert r["shortages"]["request_shortages"] == 148
     assert r["hang"] is not None and r["hang"]["since_t"] == 20.0 and r["hang"]["inflight"] == 32
     assert r["hang"]["queued_for_completion"] is None
-    assert fb.xbbd_check(s[:5], stall_window=30)["hang"] is None  # up to t=20 it progressed
+    assert xbbd.xbbd_check(s[:5], stall_window=30)["hang"] is None  # up to t=20 it progressed
 
 
 def test_inflight_above_max_requests_shall_be_an_invariant_violation_with_its_time() -> None:
-    r = fb.xbbd_check(unit("xbbd-invariant.txt"), stall_window=30)
+    r = xbbd.xbbd_check(unit("xbbd-invariant.txt"), stall_window=30)
     assert r["invariant_violations"] == [{"t": 2.0, "inflight": 40, "max_requests": 32}]
     assert r["hang"] is None
 
@@ -775,31 +776,31 @@ def counters(t: float, rec: int, comp: int, *, q: int = 0, err: int = 0, rs: int
 
 def test_idle_is_not_a_stall_and_the_clock_starts_when_io_is_in_flight() -> None:
     idle = [counters(t, 50, 50) for t in range(0, 100, 10)]
-    assert fb.xbbd_check(idle, stall_window=30)["hang"] is None
+    assert xbbd.xbbd_check(idle, stall_window=30)["hang"] is None
     late = idle + [counters(100, 60, 50), counters(110, 60, 50), counters(120, 60, 50)]
-    assert fb.xbbd_check(late, stall_window=30)["hang"] is None  # 20 s in flight since t=100
-    r = fb.xbbd_check(late + [counters(130, 60, 50)], stall_window=30)
+    assert xbbd.xbbd_check(late, stall_window=30)["hang"] is None  # 20 s in flight since t=100
+    r = xbbd.xbbd_check(late + [counters(130, 60, 50)], stall_window=30)
     assert r["hang"] is not None and r["hang"]["since_t"] == 100
 
 
 def test_slow_is_not_hung() -> None:
     slow = [counters(t, 40 + t // 25, 10 + t // 25) for t in range(0, 300, 5)]
-    assert fb.xbbd_check(slow, stall_window=30)["hang"] is None
+    assert xbbd.xbbd_check(slow, stall_window=30)["hang"] is None
 
 
 def test_errors_shall_count_growth_of_completed_with_error() -> None:
-    r = fb.xbbd_check([counters(0, 10, 10, err=1), counters(1, 20, 20, err=4)], stall_window=30)
+    r = xbbd.xbbd_check([counters(0, 10, 10, err=1), counters(1, 20, 20, err=4)], stall_window=30)
     assert r["errors"] == 3
 
 
 def test_no_samples_shall_decide_nothing() -> None:
-    r = fb.xbbd_check([], stall_window=30)
+    r = xbbd.xbbd_check([], stall_window=30)
     assert r["samples"] == 0 and r["hang"] is None and r["missing"] == []
 
 
 # ================================================================ the plan
 def test_plan_shall_list_every_download_with_its_url_and_the_boot_with_its_command() -> None:
-    steps = fb.plan_steps(version="14.3", arch="amd64", image_file=None, packages_dir=None, src=None, patches=[])
+    steps = freebsd.plan_steps(version="14.3", arch="amd64", image_file=None, packages_dir=None, src=None, patches=[])
     by = {s["step"]: s for s in steps}
     order = [s["step"] for s in steps]
     assert order.index("checksum") < order.index("image") < order.index("verify") < order.index("decompress")
@@ -823,15 +824,15 @@ def test_plan_shall_list_every_download_with_its_url_and_the_boot_with_its_comma
 
 def test_plan_with_local_media_and_a_source_tree_shall_download_nothing_and_build(tmp_path: Path) -> None:
     img = tmp_path / f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"
-    steps = fb.plan_steps(version="14.3", arch="amd64", image_file=str(img), packages_dir=str(REPO),
+    steps = freebsd.plan_steps(version="14.3", arch="amd64", image_file=str(img), packages_dir=str(REPO),
                           src="/src/freebsd", patches=["/p/revert-2014.patch"])
     by = {s["step"]: s for s in steps}
     assert not any("url" in s for s in steps)
     assert by["image"]["path"] == str(img) and by["packages"]["path"] == str(REPO)
     build = by["build"]
     assert any("0000-revert-2014.patch" in line for line in build["script"])
-    assert any(f"serial={fb.SRC_SERIAL}" in a for a in build["command"])
-    assert any(f"serial={fb.TARGET_SERIAL}" in a for a in build["command"])
+    assert any(f"serial={render.SRC_SERIAL}" in a for a in build["command"])
+    assert any(f"serial={render.TARGET_SERIAL}" in a for a in build["command"])
     assert by["source"]["command"][:3] == ["tar", "-C", "/src/freebsd"]
     assert [s["step"] for s in steps].index("build") < [s["step"] for s in steps].index("boot")
 
@@ -839,18 +840,18 @@ def test_plan_with_local_media_and_a_source_tree_shall_download_nothing_and_buil
 # ================================================================ missing media
 def test_missing_media_offline_shall_say_what_to_download_and_which_key_takes_it(tmp_path: Path) -> None:
     asked: list[str] = []
-    out = fb.missing_media(image_file=None, packages_dir=None, cache_dir=tmp_path, version="14.3",
+    out = media.missing_media(image_file=None, packages_dir=None, cache_dir=tmp_path, version="14.3",
                            reachable=lambda url: asked.append(url) or False)
     assert len(out) == 2
     img, pkgs = out
     assert "download.freebsd.org is unreachable" in img and "CHECKSUM.SHA512" in img
     assert "BASIC-CLOUDINIT-ufs.qcow2.xz" in img and "[freebsd] image = PATH" in img
     assert "pkg.freebsd.org" in pkgs and "[freebsd] packages = DIR" in pkgs and "xen-tools" in pkgs
-    assert asked == [fb.vm_image_base("14.3") + "CHECKSUM.SHA512", fb.pkg_repo_base("14.3") + "meta.conf"]
+    assert asked == [media.vm_image_base("14.3") + "CHECKSUM.SHA512", packages.pkg_repo_base("14.3") + "meta.conf"]
 
 
 def test_missing_media_shall_be_empty_when_the_network_can_supply_it(tmp_path: Path) -> None:
-    assert fb.missing_media(image_file=None, packages_dir=None, cache_dir=tmp_path, version="14.3",
+    assert media.missing_media(image_file=None, packages_dir=None, cache_dir=tmp_path, version="14.3",
                             reachable=lambda url: True) == []
 
 
@@ -859,23 +860,23 @@ def test_missing_media_shall_check_the_users_files(tmp_path: Path) -> None:
         raise AssertionError("no probe when the user supplied the media")
 
     img = tmp_path / f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz"
-    out = fb.missing_media(image_file=str(img), packages_dir=str(tmp_path / "nope"), cache_dir=tmp_path,
+    out = media.missing_media(image_file=str(img), packages_dir=str(tmp_path / "nope"), cache_dir=tmp_path,
                            version="14.3", reachable=never)
     assert "does not exist" in out[0] and "not a directory" in out[1]
     img.write_bytes(b"x")
-    out = fb.missing_media(image_file=str(img), packages_dir=str(REPO), cache_dir=tmp_path, version="14.3",
+    out = media.missing_media(image_file=str(img), packages_dir=str(REPO), cache_dir=tmp_path, version="14.3",
                            reachable=never)
     assert len(out) == 1 and "no CHECKSUM.SHA512 beside" in out[0]
     (tmp_path / "CHECKSUM.SHA512").write_text(f"SHA512 (other.qcow2.xz) = {'0' * 128}\n")
-    out = fb.missing_media(image_file=str(img), packages_dir=str(REPO), cache_dir=tmp_path, version="14.3",
+    out = media.missing_media(image_file=str(img), packages_dir=str(REPO), cache_dir=tmp_path, version="14.3",
                            reachable=never)
     assert len(out) == 1 and f"does not list {img.name}" in out[0]
     (tmp_path / "CHECKSUM.SHA512").write_text(f"SHA512 ({img.name}) = {'0' * 128}\n")
     for given in (img, tmp_path):  # the file, or the directory holding it
-        assert fb.missing_media(image_file=str(given), packages_dir=str(REPO), cache_dir=tmp_path,
+        assert media.missing_media(image_file=str(given), packages_dir=str(REPO), cache_dir=tmp_path,
                                 version="14.3", reachable=never) == []
     img.unlink()
-    out = fb.missing_media(image_file=str(tmp_path), packages_dir=None, cache_dir=tmp_path, version="14.3",
+    out = media.missing_media(image_file=str(tmp_path), packages_dir=None, cache_dir=tmp_path, version="14.3",
                            reachable=lambda url: True)
     assert len(out) == 1 and f"not {img.name}" in out[0]
 
@@ -885,12 +886,12 @@ def test_missing_media_shall_name_package_files_the_catalogue_requires(tmp_path:
     shutil.copytree(REPO, d)
     (d / "All/xen-tools-4.19.2_1.pkg").unlink()
     (d / "All/zsh-5.9_6.pkg").unlink()  # not needed: not reported
-    out = fb.missing_media(image_file=None, packages_dir=str(d), cache_dir=tmp_path, version="14.3",
+    out = media.missing_media(image_file=None, packages_dir=str(d), cache_dir=tmp_path, version="14.3",
                            reachable=lambda url: True)
     assert out == [f"FreeBSD packages in {d}: 1 file(s) the catalogue requires are absent: "
                    "All/xen-tools-4.19.2_1.pkg"]
     (d / "packagesite.yaml").unlink()
-    out = fb.missing_media(image_file=None, packages_dir=str(d), cache_dir=tmp_path, version="14.3",
+    out = media.missing_media(image_file=None, packages_dir=str(d), cache_dir=tmp_path, version="14.3",
                            reachable=lambda url: True)
     assert "no packagesite.pkg" in out[0]
 
@@ -907,5 +908,5 @@ def test_missing_media_shall_trust_the_cache_without_probing(tmp_path: Path) -> 
     def never(url: str) -> bool:
         raise AssertionError(f"probed {url} although the cache has it")
 
-    assert fb.missing_media(image_file=None, packages_dir=None, cache_dir=tmp_path, version="14.3",
+    assert media.missing_media(image_file=None, packages_dir=None, cache_dir=tmp_path, version="14.3",
                             reachable=never) == []
