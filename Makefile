@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap dmsetup e2fsprogs python3-venv git ca-certificates \
-                make gcc patch xz-utils binutils genisoimage zstd
+                make gcc patch xz-utils binutils genisoimage zstd cpio
 STAMP := $(VENV)/.installed
 
 .PHONY: deps venv images test test-unit test-e2e test-e2e-all bench lint clean
@@ -31,7 +31,7 @@ images: deps venv
 # restored L1, negative control, stall, io-errors, Ctrl-C, a three-commit bisect,
 # FreeBSD: the missing-media ERROR, provisioning and kernel build with stand-ins up to the loader).
 # About 20 minutes under TCG on 2 cores.
-test: deps venv images
+test: deps venv lint images
 	$(PY) -m pytest tests/unit tests/e2e -m "not nightly" -v
 
 test-unit: venv
@@ -52,8 +52,11 @@ bench: deps venv images
 	$(PY) tests/bench/bench_detect.py --stalls 5 --healthy 5 --slow 5
 	$(PY) tests/bench/bench_backend.py
 
+# ruff, and mypy on lab/ (pyproject.toml's [tool.mypy]: untyped defs, Optional
+# misuse and attributes used before they are set are errors)
 lint: venv
 	$(VENV)/bin/ruff check lab tests
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lab import report, scenario
 from lab.errors import LabError
@@ -47,7 +48,7 @@ def git(repo: Path, *args: str, check: bool = True, timeout: float = 120) -> str
 def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", accel: str | None = None,
              cold: bool = False) -> dict:
     """One lab run of `sc` with the backend built from `repo` at its HEAD."""
-    from lab.run import LabRun
+    from lab import pipeline
 
     sha = git(repo, "rev-parse", "HEAD")
     steps = out / "steps"
@@ -56,7 +57,7 @@ def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", a
     d = steps / f"{n:02d}-{sha[:12]}{'-' + label if label else ''}"
     sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(repo)))
     t = time.monotonic()
-    rec = LabRun(sc, results_root=out, results_dir=d, accel=accel, cold=cold).execute()
+    rec = pipeline.run(sc, pipeline.Options(results_root=out, results_dir=d, accel=accel, cold=cold))
     entry = {
         "n": n, "commit": sha, "subject": git(repo, "log", "-1", "--format=%s"), "label": label or "bisect",
         "verdict": rec["verdict"], "code": step_code(rec), "summary": rec.get("summary"),
@@ -122,7 +123,7 @@ def _confirm(sc: scenario.Scenario, repo: Path, first: str, runs: int, out: Path
             verdicts[want].append(e["verdict"])
     bad_ok = all(v in ("FAIL", "HANG", "CRASH") for v in verdicts["bad"])
     parent_ok = all(v == "PASS" for v in verdicts["parent"])
-    conf = {"confirm": {"first_bad_runs": verdicts["bad"], "parent_runs": verdicts["parent"], "parent": parent}}
+    conf: dict[str, Any] = {"confirm": {"first_bad_runs": verdicts["bad"], "parent_runs": verdicts["parent"], "parent": parent}}
     if bad_ok and parent_ok:
         conf["first_bad"] = first
         conf["subject"] = git(repo, "log", "-1", "--format=%s", first)
@@ -167,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sc = scenario.load(args.scenario)
         return run_step(sc, args.repo.resolve(), args.out, accel=args.accel)["code"]
-    except LabError as e:
-        print(f"lab bisect step: ERROR: {e}", file=sys.stderr)
-        return ABORT
     except KeyboardInterrupt:
         return ABORT
+    except Exception as e:  # not a verdict on this commit: skip it (never "bad")
+        print(f"lab bisect step: ERROR: {type(e).__name__}: {e}", file=sys.stderr)
+        return report.BISECT_CODES["ERROR"]
 
 
 if __name__ == "__main__":

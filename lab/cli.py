@@ -20,12 +20,22 @@ from pathlib import Path
 from lab import images, report, scenario
 from lab.errors import Interrupted, LabError, ScenarioError
 
+SKIP = 125  # `git bisect run`: this commit cannot be tested
+
+
+def _error_exit(bisect_exit: bool) -> int:
+    """The exit code of anything that is not a verdict: ERROR (4), or skip (125)
+    for `git bisect run`, which reads 4 as "bad"."""
+    return SKIP if bisect_exit else report.EXIT_CODES["ERROR"]
+
 
 class _Parser(argparse.ArgumentParser):
+    bisect_exit = False
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"lab: error: {message}", file=sys.stderr)
-        sys.exit(report.EXIT_CODES["ERROR"])
+        sys.exit(_error_exit(_Parser.bisect_exit))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -INT` (what a CI harness sends) must still tear the lab down.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _Parser.bisect_exit = "--bisect-exit" in (sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -98,14 +109,21 @@ def main(argv: list[str] | None = None) -> int:
             args.cmd](args)
     except (ScenarioError, LabError) as e:
         print(f"lab: ERROR: {e}", file=sys.stderr)
-        return report.EXIT_CODES["ERROR"]
+        return _error_exit(_Parser.bisect_exit)
+    except (KeyboardInterrupt, Interrupted):
+        print("\nlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a lab bug must never read as a verdict (exit 1 = FAIL = "bad")
+        logging.getLogger("lab").exception("lab failed")
+        print(f"lab: ERROR: the lab failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return _error_exit(_Parser.bisect_exit)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """One run, or several (--repeat, --until-fail) for hangs that show once in
     many runs; every run after the first restores the saved L1, so a repeat costs
     about the guest's boot plus the workload."""
-    from lab.run import LabRun
+    from lab import pipeline
 
     sc = scenario.load(args.scenario)
     if args.backend:
@@ -121,9 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     i = 0
     while limit is None or i < limit:
         i += 1
-        run = LabRun(sc, results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold)
+        opts = pipeline.Options(results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold)
         try:
-            rec = run.execute()
+            rec = pipeline.run(sc, opts)
         except (KeyboardInterrupt, Interrupted):
             print("\nlab: interrupted; the lab was torn down", file=sys.stderr)
             _print_repeat_summary(records)
@@ -148,19 +166,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_plan(sc: scenario.Scenario) -> int:
-    """A dry run: what the scenario would fetch, build and boot, for review."""
-    if sc.dom0.os != "freebsd":
-        print(f"{sc.name}: Linux dom0 (hermetic): `lab images build` (mmdebstrap from the host's Debian mirror), "
-              "then QEMU; see qemu-argv.json in any results directory for the exact command line")
-        return 0
-    from lab import freebsd
-    from lab.run import freebsd_version
+    """A dry run: what the scenario would fetch, build and boot, for review. The
+    steps come from the dom0 platform, the same list its real run follows."""
+    from lab.platforms import dom0_platform
 
-    version, how = freebsd_version(sc)
-    steps = freebsd.plan_steps(version=version, arch="amd64", image_file=sc.freebsd.image or None,
-                               packages_dir=sc.freebsd.packages or None, src=sc.freebsd.src or None,
-                               patches=list(sc.freebsd.patches))
-    print(f"# {sc.name}: FreeBSD {version} dom0 ({how}); {len(steps)} steps, nothing has been run")
+    steps = dom0_platform(sc.dom0.os).plan(sc)
+    print(f"# {sc.name}: {sc.dom0.os} dom0; {len(steps)} steps, nothing has been run")
     for i, st in enumerate(steps, 1):
         print(f"\n{i:2}. [{st['step']}] {st['what']}")
         for k in ("url", "path", "command", "then", "script", "milestones", "fails_on", "unverified"):
@@ -171,8 +182,6 @@ def _print_plan(sc: scenario.Scenario) -> int:
                 print(f"      {'$' if k == 'command' else 'then $'} {shlex.join(str(a) for a in v)}")
             elif k == "then":
                 print(f"      then: {v}")
-            elif k == "command" and isinstance(v, list):
-                print(f"      $ {shlex.join(str(a) for a in v)}")
             elif isinstance(v, list):
                 print(f"      {k}:")
                 for line in v:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,10 @@ DOM0_KERNEL = Milestone(
 DOM0_INIT = Milestone("boot:dom0", "dom0's init to report ready", re.compile(rb"lab-dom0: ready"))
 GUEST_READY = Milestone("guest:boot", "the guest's init to report ready", re.compile(rb"lab-guest: ready"))
 
-# Signatures that make a run CRASH. Hung-task reports are not here: they are
-# evidence of a hang, which the counters decide.
+# Signatures that make a run CRASH, on any console (Xen's serial log with dom0's
+# hvc0, each guest's). The images keep the console log level at 5 so that
+# KERN_CRIT (`kernel BUG at`), KERN_DEFAULT (`Oops`, `invalid opcode:`: how 6.1
+# prints a BUG()) and KERN_WARNING lines reach the console at all.
 CRASH_PATTERNS = [
     (re.compile(rb"Kernel panic - not syncing[^\n]*"), "Linux panic"),
     (re.compile(rb"\(XEN\) Panic on CPU \d+"), "Xen panic"),
@@ -38,15 +41,27 @@ CRASH_PATTERNS = [
     (re.compile(rb"BUG: unable to handle [^\n]*"), "Linux oops"),
     (re.compile(rb"Oops: [^\n]*"), "Linux oops"),
     (re.compile(rb"kernel BUG at [^\n]*"), "Linux BUG"),
+    (re.compile(rb"invalid opcode: [0-9a-f]{4} [^\n]*"), "Linux BUG (invalid opcode)"),
+    (re.compile(rb"general protection fault[^\n]*"), "Linux general protection fault"),
     (re.compile(rb"watchdog: BUG: soft lockup[^\n]*"), "soft lockup"),
     (re.compile(rb"Watchdog detected hard LOCKUP[^\n]*"), "hard lockup"),
+    (re.compile(rb"BUG: [a-z][^\n]*"), "Linux BUG"),
+    (re.compile(rb"INFO: task [^\n]* blocked for more than \d+ seconds[^\n]*"), "hung task"),
     (re.compile(rb"Fatal trap \d+[^\n]*"), "FreeBSD fatal trap"),
     (re.compile(rb"panic: [^\n]*"), "FreeBSD panic"),
 ]
 LOCKUP_KINDS = {"soft lockup", "hard lockup"}
+# A WARN is a crash only where it concerns the block path under test: the WARNING
+# line names the source file, or the splat's next lines name the module.
+WARNING = re.compile(rb"WARNING: CPU: \d+ PID: \d+ at [^\n]*")
+BLOCK_PATH = re.compile(rb"xen-blk(back|front)|xen_blk(back|front)|xen_blkif|blkif_|blkfront|blkback")
+WARN_CONTEXT_LINES = 40
 # The lab's own init scripts print this when they cannot go on: fail at once
 # instead of waiting for the milestone's deadline.
 LAB_FATAL = re.compile(rb"lab-[a-z0-9]+: FATAL: [^\n]*")
+# A guest whose root (its initramfs) does not fit its memory never runs the lab's
+# init, so no FATAL line comes: these are the kernel's own words for it.
+GUEST_TOO_SMALL = re.compile(rb"Initramfs unpacking failed[^\n]*|Out of memory: Killed process[^\n]*")
 
 
 def find_crash(text: bytes) -> tuple[str, str] | None:
@@ -56,6 +71,15 @@ def find_crash(text: bytes) -> tuple[str, str] | None:
         m = pat.search(text)
         if m and (first is None or m.start() < first[0]):
             first = (m.start(), kind, m.group(0).decode(errors="replace").strip())
+    for m in WARNING.finditer(text):
+        if first is not None and m.start() > first[0]:
+            break
+        # every loaded module is listed after a WARNING: that line names nothing
+        context = b"\n".join(line for line in text[m.start():].split(b"\n")[:WARN_CONTEXT_LINES]
+                              if b"Modules linked in" not in line)
+        if BLOCK_PATH.search(context):
+            first = (m.start(), "Linux WARNING in the block path", m.group(0).decode(errors="replace").strip())
+            break
     return (first[1], first[2]) if first else None
 
 
@@ -87,7 +111,7 @@ class Console:
         except FileNotFoundError:
             return 0
 
-    def wait_for(self, m: Milestone, deadline: Deadline, *, alive: callable = lambda: True) -> float:  # type: ignore[valid-type]
+    def wait_for(self, m: Milestone, deadline: Deadline, *, alive: Callable[[], bool] = lambda: True) -> float:
         """Wait until `m` appears after the current position; returns when it did.
 
         Raises LabError(m.stage) if the deadline passes, if a crash signature shows

@@ -1,11 +1,10 @@
-"""Fault injection on the real stack, timed from the workload's start.
-
-Disk faults act on the device in dom0 that backs a guest's test disk (the
-guest's configuration never changes), through the dom0 class's scripts. Linux:
-`stall` suspends the dm device, `delay` puts dm-delay under it, `error` swaps in
-a dm error table. FreeBSD: `gnop configure` delays or fails requests. `pause-l1` freezes the whole Xen VM from
-L0 with the QEMU monitor. Every fault records when it really started and ended,
-and is released before teardown (a suspended device would leave a dying domain)."""
+"""Fault scheduling, timed from the workload's start. Only the schedule lives
+here; the actions come from the dom0 platform's ops (`fault_script`,
+`release_scripts`): Linux suspends, delays or fails the dm device under a test
+disk (lab/platform/linux/faults.py), FreeBSD reconfigures gnop. `pause-l1`
+freezes the whole Xen VM from L0. Every fault records when it was requested,
+when it was in force and when it ended, and is released before teardown (a
+suspended device would leave a dying domain)."""
 
 from __future__ import annotations
 
@@ -17,48 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lab.dom0 import Backing
+from lab.platform import Backing
 from lab.runner import Result, Runner
 from lab.scenario import FaultCfg
 
 log = logging.getLogger("lab.faults")
-
-
-def dm_table(kind: str, b: Backing, sectors_var: str = "$n", *, delay_ms: int = 0) -> str:
-    """The device-mapper table that gives `kind` over the backing's lower disk."""
-    if kind == "linear":
-        return f"0 {sectors_var} linear {b.lower} 0"
-    if kind == "delay":
-        return f"0 {sectors_var} delay {b.lower} 0 {delay_ms}"
-    if kind == "error":
-        return f"0 {sectors_var} error"
-    raise ValueError(kind)
-
-
-def swap_table_script(b: Backing, table: str) -> str:
-    """Replace the live table: suspend, load, resume (one command: one round trip)."""
-    return (
-        f"set -e; n=$(blockdev --getsz {b.lower}); "
-        f"dmsetup suspend --noudevsync {b.name}; "
-        f"dmsetup reload --noudevsync {b.name} --table \"{table}\"; "
-        f"dmsetup resume --noudevsync {b.name}"
-    )
-
-
-def delay_script(b: Backing, delay_ms: int) -> str:
-    """dm-delay goes *under* the backing device, not in its place: the device
-    blkback submits to stays a dm-linear, whose in-flight count then includes the
-    time each I/O spends in the delay (dm-delay as the top table hid it: the
-    sampled in-flight count stayed near 0 while 32 requests waited)."""
-    slow = f"{b.name}-delay"
-    return (
-        f"set -e; n=$(blockdev --getsz {b.lower}); "
-        f"dmsetup create --noudevsync {slow} --table \"0 $n delay {b.lower} 0 {delay_ms}\"; "
-        f"dmsetup mknodes {slow}; "
-        f"dmsetup suspend --noudevsync {b.name}; "
-        f"dmsetup reload --noudevsync {b.name} --table \"0 $n linear /dev/mapper/{slow} 0\"; "
-        f"dmsetup resume --noudevsync {b.name}"
-    )
 
 
 class FaultScripts(Protocol):
@@ -98,7 +60,7 @@ class Injector(threading.Thread):
         *,
         dom0: Runner,
         backing: Callable[[str, str], Backing],
-        scripts: FaultScripts | None = None,
+        scripts: FaultScripts,
         pause_l1: Callable[[], None],
         resume_l1: Callable[[], None],
         t0: float,
@@ -106,10 +68,6 @@ class Injector(threading.Thread):
         super().__init__(name="faults", daemon=True)
         self.dom0 = dom0
         self.backing = backing
-        if scripts is None:
-            from lab.dom0 import LinuxDom0
-
-            scripts = LinuxDom0(dom0, timeout=30)
         self.scripts = scripts
         self.pause_l1 = pause_l1
         self.resume_l1 = resume_l1

@@ -30,15 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def lab_run(request: pytest.FixtureRequest) -> Callable[..., dict]:
     """Run a scenario (preset name or TOML path) and return its record; the lab is
     torn down before this returns, whatever the verdict."""
-    from lab import scenario
-    from lab.run import LabRun
+    from lab import pipeline, scenario
 
     def run(spec: str, *, backend: str | None = None, cold: bool = False) -> dict:
         sc = scenario.load(spec)
         if backend:
             src = str(Path(backend).expanduser().resolve())
             sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=src))
-        return LabRun(sc, results_root=Path(request.config.getoption("--lab-results")),
-                      accel=request.config.getoption("--lab-accel"), cold=cold).execute()
+        return pipeline.run(sc, pipeline.Options(results_root=Path(request.config.getoption("--lab-results")),
+                                                 accel=request.config.getoption("--lab-accel"), cold=cold))
 
     return run

@@ -141,18 +141,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _qemu_img(argv: list[str]) -> None:
+    """qemu-img, whose failure is the lab's (ERROR at boot:qemu), never an exception
+    of another kind that could be read as a verdict."""
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LabError("boot:qemu", f"`{' '.join(argv)}` failed: {e}") from None
+    if res.returncode != 0:
+        raise LabError("boot:qemu", f"`{' '.join(argv)}` exited {res.returncode}: {res.stderr.strip()[-500:]}")
+
+
 def create_overlay(base: Path, overlay: Path, *, base_fmt: str = "raw") -> None:
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_fmt, "-b", str(base), str(overlay)],
-        check=True, capture_output=True, timeout=60,
-    )
+    _qemu_img(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_fmt, "-b", str(base), str(overlay)])
 
 
 def create_disk(path: Path, size: int) -> None:
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
-        check=True, capture_output=True, timeout=60,
-    )
+    _qemu_img(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)])
 
 
 def qemu_version() -> str:

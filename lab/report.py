@@ -10,12 +10,11 @@ import os
 import time
 from pathlib import Path
 
+from lab.decide import BISECT_CODES as BISECT_CODES  # re-exported: the codes live with the decision
+from lab.decide import EXIT_CODES as EXIT_CODES
 from lab.watchdog import Track
 
-VERDICTS = ("PASS", "FAIL", "HANG", "CRASH", "ERROR")
-EXIT_CODES = {"PASS": 0, "FAIL": 1, "HANG": 2, "CRASH": 3, "ERROR": 4}
-# as a `git bisect run` step: a lab failure (ERROR) never blames a commit
-BISECT_CODES = {"PASS": 0, "FAIL": 1, "HANG": 1, "CRASH": 1, "ERROR": 125}
+VERDICTS = tuple(EXIT_CODES)
 
 
 def utc_stamp(t: float | None = None) -> str:

@@ -29,6 +29,7 @@ class Result:
     stderr: str
     elapsed: float
     timed_out: bool = False
+    transport_error: str = ""  # the lab lost the connection the command ran over (ssh)
 
     @property
     def ok(self) -> bool:
@@ -36,7 +37,8 @@ class Result:
 
     def check(self, stage: str) -> Result:
         if not self.ok:
-            why = "timed out" if self.timed_out else f"exited {self.rc}"
+            why = ("lost its connection: " + self.transport_error if self.transport_error
+                   else "timed out" if self.timed_out else f"exited {self.rc}")
             err = (self.stderr or self.stdout).strip()[-1500:]
             raise LabError(stage, f"`{shlex.join(self.argv)}` {why}: {err}")
         return self

@@ -14,7 +14,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paramiko
@@ -48,7 +48,7 @@ class SshRunner:
         host_key: paramiko.PKey,
         client_key: paramiko.PKey,
         log_: CommandLog | None = None,
-        connect: callable,  # type: ignore[valid-type]  # () -> socket-like; a fresh one per (re)connect
+        connect: Callable[[float], socket.socket | paramiko.Channel],  # a fresh socket per (re)connect
     ) -> None:
         self.name = name
         self.host_key = host_key
@@ -60,12 +60,16 @@ class SshRunner:
         self._lock = threading.Lock()
 
     # -------------------------------------------------------- connection
-    def connect(self, deadline: Deadline, *, stage: str) -> float:
+    def connect(self, deadline: Deadline, *, stage: str, abort: Callable[[], None] | None = None) -> float:
         """Connect, retrying until `deadline` (the only place that retries: the
-        machine may still be booting). Returns the seconds it took."""
+        machine may still be booting). Returns the seconds it took. `abort` is
+        called between attempts and raises to stop waiting at once (a console
+        that already shows why the machine will never answer)."""
         start = time.monotonic()
         last: Exception | None = None
         while not deadline.expired():
+            if abort is not None:
+                abort()
             try:
                 self._open(timeout=min(30.0, max(1.0, deadline.remaining())))
                 return time.monotonic() - start
@@ -119,7 +123,7 @@ class SshRunner:
         start = time.monotonic()
         deadline = Deadline(timeout)
         out, err = bytearray(), bytearray()
-        rc, timed_out = -1, False
+        rc, timed_out, lost = -1, False, ""
         try:
             chan = self._channel(timeout=max(1.0, deadline.remaining()))
             try:
@@ -142,16 +146,22 @@ class SshRunner:
                     if deadline.expired():
                         timed_out = True
                         break
+                    if not got and (chan.closed or not (self.transport and self.transport.is_active())):
+                        # the channel or the transport went away without an exit status
+                        lost = "the SSH channel closed without an exit status"
+                        break
                     if not got:
                         time.sleep(0.02)
             finally:
                 chan.close()
         except (OSError, paramiko.SSHException, EOFError) as e:
-            err += f"\n[lab] ssh transport error: {e}".encode()
+            lost = f"{type(e).__name__}: {e}"
             timed_out = timed_out or deadline.expired()
+        if lost:
+            err += f"\n[lab] ssh transport error: {lost}".encode()
         result = Result(
             tuple(argv), rc, out.decode(errors="replace"), err.decode(errors="replace"),
-            time.monotonic() - start, timed_out,
+            time.monotonic() - start, timed_out, lost,
         )
         self.log.write(self.name, result)
         self.logger.debug("%s rc=%s %.2fs", shlex.join(argv), rc, result.elapsed)
@@ -186,13 +196,18 @@ class SshRunner:
         if not self.alive():
             self._open(timeout=30)
         assert self.transport is not None
-        sftp = paramiko.SFTPClient.from_transport(self.transport)
-        assert sftp is not None
         try:
-            sftp.get_channel().settimeout(timeout)
-            sftp.put(str(local), remote)
-        finally:
-            sftp.close()
+            sftp = paramiko.SFTPClient.from_transport(self.transport)
+            assert sftp is not None
+            try:
+                chan = sftp.get_channel()
+                if chan is not None:
+                    chan.settimeout(timeout)
+                sftp.put(str(local), remote)
+            finally:
+                sftp.close()
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise LabError("ssh", f"{self.name}: copying {local} to {remote} failed: {type(e).__name__}: {e}") from None
         return time.monotonic() - start
 
     def get_text(self, remote: str, *, timeout: float) -> str:
@@ -212,14 +227,14 @@ class HostKeyMismatch(LabError):
         super().__init__("ssh", message)
 
 
-def tcp_connect(port: int, host: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
+def tcp_connect(port: int, host: str = "127.0.0.1") -> Callable[[float], socket.socket]:
     def connect(timeout: float) -> socket.socket:
         return socket.create_connection((host, port), timeout=timeout)
 
     return connect
 
 
-def via(runner: SshRunner, host: str, port: int = 22):  # type: ignore[no-untyped-def]
+def via(runner: SshRunner, host: str, port: int = 22) -> Callable[[float], paramiko.Channel]:
     def connect(timeout: float) -> paramiko.Channel:
         return runner.open_tunnel(host, port, timeout)
 

@@ -1,24 +1,18 @@
-"""The hang decision (architecture.md), as pure functions over sampled counters,
-plus the samplers that feed them.
+"""The hang and drain rules (architecture.md), as pure functions over sampled
+counters.
 
 Progress is the guest's completed I/Os on its test disk advancing while I/O is in
 flight there. blkback's statistics count requests *taken* off the ring, not
 completed: they are a second signal (they freeze when the ring stalls) and tell
 which side stopped first. Drain is both in-flight counts at 0 and the backend's
 taken total equal to the guest's completed total. Slow is not hung: I/O that keeps
-completing, however slowly, never trips the stall window."""
+completing, however slowly, never trips the stall window. The samplers that feed
+these rules are in lab/sampling.py; lab/decide.py turns them into a verdict."""
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-
-log = logging.getLogger("lab.watchdog")
 
 
 @dataclass(frozen=True)
@@ -95,11 +89,15 @@ def last_change(values: Iterable[tuple[float, int]], start: float = 0.0) -> floa
     return t_last
 
 
-def check_hang(track: Track, now: float, stall_window: float) -> Hang | None:
+def check_hang(track: Track, now: float, stall_window: float, *, io_running: bool = False) -> Hang | None:
     """HANG if the guest's completed count has not advanced for `stall_window`
-    while it had I/O in flight. If the guest's own view is lost (no guest sample
-    within the window), the backend decides: taken frozen for the window with
-    requests in flight on the backing device."""
+    while it had I/O in flight. With `io_running` (the workload tool is still
+    running and had completed I/O before), also when the guest's block layer shows
+    nothing in flight: the tool's requests may be stuck above it (a real run
+    where fio still had I/O outstanding with an in-flight count of 0 otherwise
+    ran into the lab's deadline). If the guest's own view is lost (no guest
+    sample within the window), the backend decides: taken frozen for the window
+    with requests in flight on the backing device."""
     g, b = track.guest_pts, track.backend_pts
     t_guest = last_change((p.t, p.completed) for p in g)
     # the stall clock runs while I/O is in flight: from the first sample since the
@@ -114,6 +112,16 @@ def check_hang(track: Track, now: float, stall_window: float) -> Hang | None:
                 track.key,
                 f"guest {track.guest} {track.vdev}: completed I/Os stuck at {last.completed} for "
                 f"{now - t_stall:.0f}s with {last.inflight} in flight",
+                now, t_guest, side, last.completed, last.inflight,
+                b[-1].taken if b else None, b[-1].backing_inflight if b else None,
+            )
+        began = any(p.completed != g[0].completed for p in g)
+        if io_running and began and now - t_guest >= stall_window:
+            return Hang(
+                track.key,
+                f"guest {track.guest} {track.vdev}: completed I/Os stuck at {last.completed} for "
+                f"{now - t_guest:.0f}s while the workload was still running ({last.inflight} in flight "
+                "in the guest's block layer)",
                 now, t_guest, side, last.completed, last.inflight,
                 b[-1].taken if b else None, b[-1].backing_inflight if b else None,
             )
@@ -226,54 +234,3 @@ def longest_gap(track: Track) -> float:
                 gap = max(gap, p.t - t_prev)
             t_prev, prev = p.t, p.completed
     return round(gap, 2)
-
-
-# ---------------------------------------------------------------- samplers
-class Sampler(threading.Thread):
-    """Runs one long-lived `lab-sample` on a machine (no process per sample) and
-    hands each parsed line to `on_sample(t, values)`, with t on L0's clock."""
-
-    def __init__(
-        self,
-        name: str,
-        stream: Callable[[], Iterable[str]],
-        on_sample: Callable[[float, list[str | None]], None],
-        t0: float,
-        raw: Path | None = None,
-    ) -> None:
-        super().__init__(name=f"sampler-{name}", daemon=True)
-        self.raw = raw  # every line as received, with L0's time: the series' provenance
-        self.stream = stream
-        self.on_sample = on_sample
-        self.t0 = t0
-        self.error: str | None = None
-        self.lines = 0
-        self.last_t: float | None = None  # when the last line arrived (workload clock)
-        # not `_stop`: that name is threading.Thread's own method (join, is_alive)
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        rawf = open(self.raw, "a") if self.raw else None
-        try:
-            for line in self.stream():
-                if self._stop_event.is_set():
-                    break
-                if rawf:
-                    rawf.write(json.dumps({"t": round(time.monotonic() - self.t0, 3), "line": line}) + "\n")
-                    rawf.flush()
-                try:
-                    values = json.loads(line)["v"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                self.lines += 1
-                self.last_t = time.monotonic() - self.t0
-                self.on_sample(self.last_t, values)
-        except Exception as e:  # the decision sees the silence; keep the reason
-            self.error = f"{type(e).__name__}: {e}"
-            log.info("%s ended: %s", self.name, self.error)
-        finally:
-            if rawf:
-                rawf.close()
-
-    def stop(self) -> None:
-        self._stop_event.set()

@@ -1,10 +1,13 @@
-"""Workloads: render a job, run it in the guest, parse its structured output into
-one IoResult. fio only for now; diskspd (Windows, -Rxml) plugs in beside it."""
+"""Workload tools behind one protocol: render a job for a test disk, the argv that
+runs it (writing structured output to a file), and a parser of that output into
+one IoResult. fio today; diskspd (Windows, -Rxml) plugs in beside it in
+WORKLOADS without touching the pipeline."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from lab.scenario import WorkloadCfg
 
@@ -77,8 +80,8 @@ def parse_fio(text: str) -> IoResult:
     jobs = data.get("jobs", [])
     if not jobs:
         raise ValueError("fio output has no jobs")
-    rd = {"iops": 0.0, "bw": 0.0, "io": 0}
-    wr = {"iops": 0.0, "bw": 0.0, "io": 0}
+    rd: dict[str, float] = {"iops": 0.0, "bw": 0.0, "io": 0}
+    wr: dict[str, float] = {"iops": 0.0, "bw": 0.0, "io": 0}
     p50 = p99 = p999 = mx = 0.0
     errors = 0
     runtime = 0.0
@@ -104,6 +107,30 @@ def parse_fio(text: str) -> IoResult:
         tool="fio", read_iops=round(rd["iops"], 1), write_iops=round(wr["iops"], 1),
         read_bw_kib=round(rd["bw"], 1), write_bw_kib=round(wr["bw"], 1),
         clat_p50_ms=p50, clat_p99_ms=p99, clat_p999_ms=p999, clat_max_ms=mx,
-        errors=errors, runtime_s=runtime, ios=rd["io"] + wr["io"],
+        errors=errors, runtime_s=runtime, ios=int(rd["io"] + wr["io"]),
         extra={"fio_version": data.get("fio version", "")},
     )
+
+
+class Workload(Protocol):
+    tool: str
+
+    def job(self, w: WorkloadCfg, device: str) -> str: ...
+    def argv(self, job_path: str, out_path: str) -> list[str]: ...
+    def parse(self, text: str) -> IoResult: ...
+
+
+class Fio:
+    tool = "fio"
+
+    def job(self, w: WorkloadCfg, device: str) -> str:
+        return fio_job(w, device)
+
+    def argv(self, job_path: str, out_path: str) -> list[str]:
+        return fio_argv(job_path, out_path)
+
+    def parse(self, text: str) -> IoResult:
+        return parse_fio(text)
+
+
+WORKLOADS: dict[str, Workload] = {"fio": Fio()}

@@ -19,9 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from blkback_series import make_series  # noqa: E402
 
-from lab import images, scenario  # noqa: E402
+from lab import (  # noqa: E402
+    images,
+    pipeline,  # noqa: E402
+    scenario,
+)
 from lab.backend import pristine_tree  # noqa: E402
-from lab.run import LabRun  # noqa: E402
 
 
 def main() -> int:
@@ -40,7 +43,7 @@ def main() -> int:
                       ("backend-uncached", dataclasses.replace(base, backend=dataclasses.replace(base.backend, source=str(repo)))),
                       ("backend-cached", dataclasses.replace(base, backend=dataclasses.replace(base.backend, source=str(repo))))):
         t = time.monotonic()
-        rec = LabRun(sc, results_root=results).execute()
+        rec = pipeline.run(sc, pipeline.Options(results_root=results))
         out["runs"].append({"label": label, "verdict": rec["verdict"], "wall_s": round(time.monotonic() - t, 2),
                             "l1": rec.get("l1", {}).get("start"), "backend_phase_s": rec["phases"].get("backend"),
                             "backend_build_s": rec["phases"].get("backend_build"),

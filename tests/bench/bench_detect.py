@@ -19,8 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lab import images, scenario  # noqa: E402
-from lab.run import LabRun  # noqa: E402
+from lab import (  # noqa: E402
+    images,
+    pipeline,  # noqa: E402
+    scenario,
+)
 
 
 def main() -> int:
@@ -39,7 +42,7 @@ def main() -> int:
         sc = scenario.load(name)
         out.setdefault("windows", scenario.to_dict(sc.watchdog))
         for _ in range(n):
-            rec = LabRun(sc, results_root=args.results).execute()
+            rec = pipeline.run(sc, pipeline.Options(results_root=args.results))
             wl = (rec.get("workloads") or [{}])[0]
             out["runs"].append({
                 "scenario": name, "verdict": rec["verdict"], "l1": rec.get("l1", {}).get("start"),

@@ -20,8 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lab import images, scenario  # noqa: E402
-from lab.run import LabRun  # noqa: E402
+from lab import (  # noqa: E402
+    images,
+    pipeline,  # noqa: E402
+    scenario,
+)
 
 
 def main() -> int:
@@ -37,7 +40,7 @@ def main() -> int:
     runs = []
     for i in range(args.runs):
         t = time.monotonic()
-        rec = LabRun(sc, results_root=args.results, cold=(i == 0)).execute()
+        rec = pipeline.run(sc, pipeline.Options(results_root=args.results, cold=(i == 0)))
         ph = rec["phases"]
         runs.append({
             "verdict": rec["verdict"],

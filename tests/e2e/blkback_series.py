@@ -1,12 +1,16 @@
 """The demonstration patch series for `lab bisect`: a git repository holding
 Debian's pristine xen-blkback source, then commits on top, all harmless but one.
 
-The bad commit has the 2014 class of bug: the backend mishandles the moment its
-pool of request structures is exhausted. Freeing a request into an empty pool
+Two kinds of bad commit. `leak`, the 2014 class of bug: the backend mishandles
+the moment its pool of request structures is exhausted. Freeing a request into an empty pool
 "recycles" it, and one in 16 such requests is never returned to the pool, so the
 pool shrinks below the ring and I/O eventually stops. Only a frontend that keeps
 the ring full against a slower backing store (ring-saturation) empties the pool;
-a light workload (queue depth 1) never does and passes."""
+a light workload (queue depth 1) never does and passes. `refuse`: the backend
+refuses to connect a frontend's ring at all (connect_ring fails), so no test
+disk ever connects: every workload fails at attach, which the lab must call
+FAIL (the backend's fault), never ERROR (the guests boot from their initramfs,
+so they come up without the backend)."""
 
 from __future__ import annotations
 
@@ -34,6 +38,20 @@ LEAKY = """	spin_lock_irqsave(&ring->pending_free_lock, flags);
 	list_add(&req->free_list, &ring->pending_free);"""
 
 
+CONNECT_RING = """	unsigned int ring_page_order;
+
+	pr_debug("%s %s\\n", __func__, dev->otherend);"""
+REFUSE = CONNECT_RING + """
+	/* lab demo: a frontend's ring is never accepted */
+	xenbus_dev_fatal(dev, -EINVAL, "lab demo: refusing to map the ring");
+	return -EINVAL;"""
+
+
+def _refuse(xenbus: str) -> str:
+    assert CONNECT_RING in xenbus, "connect_ring() is not as expected"
+    return xenbus.replace(CONNECT_RING, REFUSE, 1)
+
+
 def _harmless_comment(text: str, n: int) -> str:
     anchor = "static void free_req(struct xen_blkif_ring *ring, struct pending_req *req)"
     return text.replace(anchor, f"/* lab demo: harmless change {n}: pending requests return to the pool here. */\n"
@@ -48,9 +66,10 @@ def _bug(text: str) -> str:
                         "static void free_req(struct xen_blkif_ring *ring, struct pending_req *req)", 1)
 
 
-def make_series(dest: Path, pristine: Path, *, bad_at: int, total: int) -> list[str]:
+def make_series(dest: Path, pristine: Path, *, bad_at: int, total: int, bug: str = "leak") -> list[str]:
     """A repo at `dest`: the pristine tree (commit 0), then `total` commits of which
-    number `bad_at` (1-based) adds the bug. Returns the commit shas, base first."""
+    number `bad_at` (1-based) adds the bug (`leak` or `refuse`). Returns the
+    commit shas, base first."""
     if dest.exists():
         shutil.rmtree(dest)
     (dest / DRIVER).mkdir(parents=True)
@@ -74,7 +93,11 @@ def make_series(dest: Path, pristine: Path, *, bad_at: int, total: int) -> list[
     blk = dest / DRIVER / "blkback.c"
     for i in range(1, total + 1):
         text = blk.read_text()
-        if i == bad_at:
+        if i == bad_at and bug == "refuse":
+            xb = dest / DRIVER / "xenbus.c"
+            xb.write_text(_refuse(xb.read_text()))
+            msg = "xen-blkback: validate the frontend's ring before mapping it"
+        elif i == bad_at:
             blk.write_text(_bug(text))
             msg = "xen-blkback: hand requests freed into an exhausted pool straight to the ring thread"
         else:

@@ -13,9 +13,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from blkback_series import make_series  # noqa: E402
 
-from lab import bisect, images, scenario  # noqa: E402
+from lab import (  # noqa: E402
+    bisect,
+    images,
+    pipeline,  # noqa: E402
+    scenario,
+)
 from lab.backend import pristine_tree  # noqa: E402
-from lab.run import LabRun  # noqa: E402
 
 
 def _pristine() -> Path:
@@ -61,7 +65,7 @@ def test_bad_commit_hangs_only_under_saturation_and_others_pass(results: Path, t
             import dataclasses
 
             sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(repo)))
-            rec = LabRun(sc, results_root=results / "demo").execute()
+            rec = pipeline.run(sc, pipeline.Options(results_root=results / "demo"))
             table[(i, name)] = (rec["verdict"], [w.get("oo_req") for w in rec.get("workloads", [])])
     subprocess.run(["git", "-C", str(repo), "checkout", "-q", "main"], check=True)
     print(json.dumps({f"{i}:{n}": v for (i, n), v in table.items()}, indent=1))

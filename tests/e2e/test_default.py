@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from lab import scenario
-from lab.run import Hooks, LabRun
+from lab import pipeline, scenario
+from lab.observe import Started
 
 
 def _check_default_pass(rec: dict, sc: scenario.Scenario) -> None:
@@ -37,7 +37,7 @@ def test_default_scenario_passes_on_a_cold_booted_l1(results: Path) -> None:
     outstanding against the dom0 kernel's blkback (vbd, not qdisk), counters
     moved, and everything drained. A cold boot saves an L1 state if none matches."""
     sc = scenario.load("default")
-    rec = LabRun(sc, results_root=results, cold=True).execute()
+    rec = pipeline.run(sc, pipeline.Options(results_root=results, cold=True))
     _check_default_pass(rec, sc)
     assert rec["l1"]["start"] == "cold"
     assert rec["boot"]["xen_banner"] < rec["boot"]["dom0_kernel"] < rec["boot"]["dom0_ssh"]
@@ -47,7 +47,7 @@ def test_default_scenario_passes_on_a_restored_l1(results: Path) -> None:
     """The same scenario shall PASS on an L1 restored from the saved state (the
     record must say `restored`: a silent fallback to a cold boot fails this)."""
     sc = scenario.load("default")
-    rec = LabRun(sc, results_root=results).execute()
+    rec = pipeline.run(sc, pipeline.Options(results_root=results))
     _check_default_pass(rec, sc)
     assert rec["l1"]["start"] == "restored", rec["l1"]
     assert "restore_failed" not in rec["l1"]
@@ -62,23 +62,21 @@ def test_suspended_backing_device_is_a_hang(results: Path) -> None:
     sc = scenario.load("default")
     suspended: dict[str, float] = {}
 
-    def workload_started(run: LabRun) -> None:
-        g = run.guests["lin1"]
-        dm = g.backings["xvdb"].name
-        assert run.dom0 is not None
+    def workload_started(run: Started) -> None:
+        dm = run.guests["lin1"].backings["xvdb"].name
 
         def suspend() -> None:
             time.sleep(10)
             t = time.monotonic()
-            res = run.dom0.run(["dmsetup", "suspend", "--noudevsync", dm], timeout=30)  # type: ignore[union-attr]
-            suspended["at"] = t - run.t_workload
-            suspended["returned"] = time.monotonic() - run.t_workload
+            res = run.dom0.run(["dmsetup", "suspend", "--noudevsync", dm], timeout=30)
+            suspended["at"] = t - run.t0
+            suspended["returned"] = time.monotonic() - run.t0
             suspended["ok"] = res.ok
 
-        run.cleanups.append(lambda: run.dom0.run(["dmsetup", "resume", "--noudevsync", dm], timeout=30))  # type: ignore[union-attr]
+        run.cleanup(lambda: run.dom0.run(["dmsetup", "resume", "--noudevsync", dm], timeout=30))
         threading.Thread(target=suspend, daemon=True).start()
 
-    rec = LabRun(sc, results_root=results, hooks=Hooks(workload_started=workload_started)).execute()
+    rec = pipeline.run(sc, pipeline.Options(results_root=results, on_workload_started=workload_started))
     assert suspended.get("ok"), suspended
     assert rec["verdict"] == "HANG", json.dumps(rec, indent=1)[:4000]
     assert rec["exit_code"] == 2

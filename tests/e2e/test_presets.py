@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lab import scenario
-from lab.run import LabRun
+from lab import pipeline, scenario
 
 
 def _run(name: str, results: Path) -> dict:
-    rec = LabRun(scenario.load(name), results_root=results).execute()
+    rec = pipeline.run(scenario.load(name), pipeline.Options(results_root=results))
     print(json.dumps({k: rec.get(k) for k in ("verdict", "summary", "hang", "faults", "workloads", "l1")},
                      indent=1, default=str))
     return rec

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import l1state, scenario
-from lab.run import LabRun
+from lab import l1state, pipeline, scenario
 
 pytestmark = pytest.mark.nightly
 
@@ -33,11 +32,11 @@ def test_changed_input_means_cold_boot_and_new_state(results: Path, tmp_path: Pa
     """A different dom0 command line shall not restore the default's state: the
     record shows a cold boot and a new state, which the next run restores."""
     sc = scenario.load(_variant(tmp_path, f"lab.nonce={secrets.token_hex(4)}"))
-    rec = LabRun(sc, results_root=results).execute()
+    rec = pipeline.run(sc, pipeline.Options(results_root=results))
     try:
         assert rec["verdict"] == "PASS", rec.get("summary")
         assert rec["l1"]["start"] == "cold" and rec["l1"]["state_kept"]
-        rec2 = LabRun(sc, results_root=results).execute()
+        rec2 = pipeline.run(sc, pipeline.Options(results_root=results))
         assert rec2["verdict"] == "PASS"
         assert rec2["l1"]["start"] == "restored" and rec2["l1"]["key"] == rec["l1"]["key"]
     finally:

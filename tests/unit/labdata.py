@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from lab.dom0 import VBD_STATS
+from lab.platform.linux.dom0 import VBD_STATS
 from lab.runner import Result
 from lab.watchdog import BackendPoint, GuestPoint, Track
 

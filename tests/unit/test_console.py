@@ -39,6 +39,23 @@ GUEST_LOG = DATA / "console-lin1-default.log"
         (b"Fatal trap 12: page fault while in kernel mode\n", "FreeBSD fatal trap",
          "Fatal trap 12: page fault while in kernel mode"),
         (b"panic: vm_fault: fault on nofault entry\n", "FreeBSD panic", "panic: vm_fault: fault on nofault entry"),
+        # how Linux 6.1 prints a BUG(): the trap's name, then the oops header
+        (b"[   40.2] invalid opcode: 0000 [#1] PREEMPT SMP NOPTI\n", "Linux BUG (invalid opcode)",
+         "invalid opcode: 0000 [#1] PREEMPT SMP NOPTI"),
+        (b"[   12.0] INFO: task xenwatch:45 blocked for more than 120 seconds.\n", "hung task",
+         "INFO: task xenwatch:45 blocked for more than 120 seconds."),
+        (b"[    7.0] general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP\n",
+         "Linux general protection fault",
+         "general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP"),
+        (b"[    8.0] BUG: scheduling while atomic: xenwatch/45/0x00000002\n", "Linux BUG",
+         "BUG: scheduling while atomic: xenwatch/45/0x00000002"),
+        # a WARN in the block path, by its file or by the module in the splat
+        (b"[   50.1] WARNING: CPU: 1 PID: 45 at drivers/block/xen-blkback/xenbus.c:312 xen_blkif_disconnect+0x1/0x2\n",
+         "Linux WARNING in the block path",
+         "WARNING: CPU: 1 PID: 45 at drivers/block/xen-blkback/xenbus.c:312 xen_blkif_disconnect+0x1/0x2"),
+        (b"[   50.1] WARNING: CPU: 1 PID: 45 at mm/slab.c:9 kfree+0x1/0x2\n[   50.1] Modules linked in: ext4\n"
+         b"[   50.1] Call Trace:\n[   50.1]  xen_blkbk_free_caches+0x3/0x9 [xen_blkback]\n",
+         "Linux WARNING in the block path", "WARNING: CPU: 1 PID: 45 at mm/slab.c:9 kfree+0x1/0x2"),
     ],
 )
 def test_find_crash_shall_name_the_kind_and_the_line(text: bytes, kind: str, line: str) -> None:
@@ -60,7 +77,9 @@ def test_find_crash_shall_find_nothing_on_a_healthy_run(log: Path) -> None:
     "text",
     [
         b"[    0.000000] Kernel command line: console=hvc0 panic=10 oops=panic\n",
-        b"[   12.0] INFO: task fio:123 blocked for more than 120 seconds.\n",  # evidence of a hang, not a crash
+        # a WARN elsewhere, even with blkback among the loaded modules
+        b"[ 5.0] WARNING: CPU: 0 PID: 1 at mm/slab.c:9 kfree+0x1/0x2\n[ 5.0] Modules linked in: xen_blkback\n",
+        b"[ 5.0] hung_task_timeout_secs: 120\n",
         b"(XEN) Xen version 4.17.7 (Debian)\n(XEN) Bootloader: qemu\n",
         b"",
     ],

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 
-from lab.dom0 import Backing
-from lab.faults import Injector, dm_table, swap_table_script
+from lab.faults import Injector
+from lab.platform import Backing
+from lab.platform.linux.dom0 import LinuxDom0
+from lab.platform.linux.faults import dm_table, swap_table_script
 from lab.runner import Result
 from lab.scenario import Duration, FaultCfg
 
@@ -26,7 +28,8 @@ class Dom0:
 
 
 def _injector(faults: tuple[FaultCfg, ...], dom0: Dom0, log: list[str]) -> Injector:
-    return Injector(faults, dom0=dom0, backing=lambda g, d: B, pause_l1=lambda: log.append("stop"),
+    return Injector(faults, dom0=dom0, backing=lambda g, d: B, scripts=LinuxDom0(dom0, timeout=30),
+                    pause_l1=lambda: log.append("stop"),
                     resume_l1=lambda: log.append("cont"), t0=dom0.t0)
 
 
@@ -72,7 +75,7 @@ def test_release_all_shall_undo_what_is_in_force_and_nothing_else() -> None:
 def test_delay_shall_sit_under_the_device_blkback_uses() -> None:
     """blkback keeps submitting to a dm-linear (whose in-flight count the watchdog
     samples); the dm-delay device goes underneath it."""
-    from lab.faults import delay_script
+    from lab.platform.linux.faults import delay_script
 
     s = delay_script(B, 100)
     assert 'dmsetup create --noudevsync lab-lin1-xvdb-delay --table "0 $n delay /dev/vdc 0 100"' in s

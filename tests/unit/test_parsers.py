@@ -1,5 +1,6 @@
 """Structured tool output into numbers: fio's JSON (lab/workload.py), the guest's
-/sys/block/X/stat (lab/guest.py) and blkback's statistics (lab/dom0.py), on the
+/sys/block/X/stat (lab/platform/linux/guest.py) and blkback's statistics
+(lab/platform/linux/dom0.py), on the
 captured output of a real `lab run default`. Expected figures are computed here
 from the raw data and the kernel's field layout, not taken from the code."""
 
@@ -12,8 +13,9 @@ from dataclasses import replace
 import pytest
 from labdata import DATA, FakeRunner, csv_rows, sample_values
 
-from lab import dom0, guest, scenario, workload
+from lab import platform, platforms, scenario, workload
 from lab.errors import LabError
+from lab.platform.linux import dom0, guest
 
 FIO = DATA / "fio-default-tcg.json"
 
@@ -275,7 +277,7 @@ def test_parse_key_values_shall_keep_key_equals_value_lines() -> None:
 
 # ------------------------------------------------------------ dom0 / guest over a fake runner
 def test_stat_paths_shall_line_up_with_parse_vbd_sample() -> None:
-    b = dom0.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-0")
+    b = platform.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-0")
     paths = dom0.LinuxDom0(FakeRunner(), timeout=5).stat_paths("vbd-1-51728", b)
     assert len(paths) == len(dom0.VBD_STATS) + 1
     assert [p.rsplit("/", 1)[-1] for p in paths[:-1]] == list(dom0.VBD_STATS)
@@ -294,7 +296,7 @@ def test_disk_by_serial_shall_need_exactly_one_match() -> None:
 def test_make_backing_shall_name_the_dm_device_by_its_minor() -> None:
     r = FakeRunner("  7\n")
     b = dom0.LinuxDom0(r, timeout=5).make_backing("lab-lin1-xvdb", "/dev/vdc")
-    assert b == dom0.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-7")
+    assert b == platform.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-7")
     (argv,) = r.calls
     assert argv[:2] == ["sh", "-c"] and "dmsetup create --noudevsync lab-lin1-xvdb" in argv[2]
 
@@ -307,18 +309,29 @@ def test_dom0_shell_failure_shall_raise_with_the_stage() -> None:
 
 def test_remove_backing_shall_resume_then_remove() -> None:
     r = FakeRunner()
-    dom0.LinuxDom0(r, timeout=5).remove_backing(dom0.Backing("d", "/dev/mapper/d", "/dev/vdc", "dm-0"))
+    dom0.LinuxDom0(r, timeout=5).remove_backing(platform.Backing("d", "/dev/mapper/d", "/dev/vdc", "dm-0"))
     assert r.calls == [["dmsetup", "resume", "--noudevsync", "d"], ["dmsetup", "remove", "--noudevsync", "d"]]
 
 
 def test_linux_guest_shall_read_its_disk_and_blkfront_parameters() -> None:
-    g = guest.LinuxGuest("lin1", FakeRunner("max_queues:1\nmax_ring_page_order:0\nmax_indirect_segments:32\n"),
-                         timeout=5)
+    g = guest.LinuxGuest()
     assert g.disk_device("xvdb") == "/dev/xvdb"
-    assert g.stat_paths("xvdb") == ["/sys/block/xvdb/stat"]
-    assert g.blkfront_params() == {"max_queues": "1", "max_ring_page_order": "0", "max_indirect_segments": "32"}
+    assert g.stat_argv("1.0", ["xvdb", "xvdc"]) == ["lab-sample", "1.0", "/sys/block/xvdb/stat", "/sys/block/xvdc/stat"]
+    r = FakeRunner("max_queues:1\nmax_ring_page_order:0\nmax_indirect_segments:32\n")
+    assert g.blkfront_params(r, timeout=5) == {"max_queues": "1", "max_ring_page_order": "0",
+                                               "max_indirect_segments": "32"}
+
+
+@pytest.mark.parametrize(("order", "queues", "line"), [
+    (0, 1, "modprobe -r xen_blkfront 2>/dev/null; modprobe xen_blkfront max_ring_page_order=0 max_queues=1"),
+    (-1, 2, "modprobe -r xen_blkfront 2>/dev/null; modprobe xen_blkfront max_queues=2"),
+    (-1, -1, "modprobe -r xen_blkfront 2>/dev/null; modprobe xen_blkfront"),
+])
+def test_linux_guest_shall_reload_blkfront_with_the_scenario_limits(order: int, queues: int, line: str) -> None:
+    g = scenario.GuestCfg(name="lin1", max_ring_page_order=order, max_queues=queues)
+    assert guest.LinuxGuest.frontend_argv(g) == ["sh", "-c", line]
 
 
 def test_os_tables_shall_map_linux() -> None:
-    assert dom0.DOM0_CLASSES["linux"] is dom0.LinuxDom0
-    assert guest.GUEST_CLASSES["linux"] is guest.LinuxGuest
+    assert type(platforms.dom0_platform("linux")).__name__ == "LinuxPlatform"
+    assert isinstance(platforms.guest_platform("linux"), guest.LinuxGuest)

@@ -1,0 +1,219 @@
+"""Guests: boot each from its kernel and initramfs (its whole root is in there, so
+a guest never needs the backend under test to boot: a guest that does not come up
+is the lab's failure, ERROR), then load its frontend with the scenario's ring and
+queue limits, create fresh test disks in dom0 and attach them (`xl
+block-attach`), and check in xenstore that each is a `vbd` served by the dom0
+kernel with the ring it negotiated. A test disk the backend refuses or never
+connects is the backend's failure: `DiskFailure`, a FAIL."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from lab import console, scenario, ssh
+from lab.boot import L1, Where, guest_ip
+from lab.errors import LabError
+from lab.platform import Backing, GuestPlatform, Media
+from lab.platforms import guest_platform
+from lab.timing import Deadline
+from lab.xen import VbdInfo, Xl, parse_xenstore_ls, render_xl_cfg, vbd_info
+
+BOOT_MOUNT = "/run/lab/boot"
+XENBUS_CONNECTED = "4"
+XENBUS_GIVING_UP = {"5", "6"}  # Closing, Closed: a device being set up never passes through these
+
+
+class DiskFailure(Exception):
+    """The backend under test did not serve a test disk: an observation of the
+    system under test (FAIL), not a lab failure."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.message = message
+
+
+@dataclass
+class Guest:
+    cfg: scenario.GuestCfg
+    ip: str
+    domid: int
+    runner: ssh.SshRunner
+    os: GuestPlatform
+    backings: dict[str, Backing] = field(default_factory=dict)
+    vbds: dict[str, VbdInfo] = field(default_factory=dict)
+
+    def as_record(self, blkfront: dict[str, str]) -> dict[str, Any]:
+        return {
+            "domid": self.domid, "ip": self.ip, "root": "initramfs", "blkfront_params": blkfront,
+            "vbds": {v: {**dataclasses.asdict(i), "ring_capacity": i.ring_capacity, "sysfs": i.sysfs_name,
+                         "backing": dataclasses.asdict(self.backings[v])} for v, i in self.vbds.items()},
+        }
+
+
+def console_tail(l1: L1, name: str, n: int = 30) -> str:
+    if not l1.dom0.alive():
+        return ""
+    return l1.dom0.run(["tail", "-n", str(n), f"/var/log/xen/console/guest-{name}.log"], timeout=10).stdout
+
+
+def start(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: dict[str, float],
+          progress: list[str], deadline: Deadline) -> list[Guest]:
+    """Boot every guest, then attach its test disks."""
+    progress[0] = "guest:create"
+    dl = sc.deadlines
+    xl = Xl(l1.dom0, timeout=dl.command)
+    t = time.monotonic()
+    l1.ops.mount_boot_disk("lab-boot", BOOT_MOUNT)
+    phases["mount_boot_disk"] = round(time.monotonic() - t, 2)
+    booted: list[tuple[scenario.GuestCfg, int]] = []
+    for g in sc.guests:
+        gp = guest_platform(g.os)
+        ip = guest_ip(sc, g.name)
+        cfg = render_xl_cfg(
+            name=g.name, run_id=where.results.name, kernel=f"{BOOT_MOUNT}/{g.name}-vmlinuz",
+            ramdisk=f"{BOOT_MOUNT}/{g.name}-initrd", cmdline=gp.cmdline(g, ip=ip), memory_mib=g.memory.mib,
+            vcpus=g.vcpus, disks=[], mac=f"00:16:3e:00:00:{int(ip.rsplit('.', 1)[1]):02x}",
+        )
+        (where.results / f"xl-{g.name}.cfg").write_text(cfg)
+        path = f"/run/lab/{g.name}.cfg"
+        l1.dom0.run(["sh", "-c", f"cat > {path}"], timeout=dl.command, input=cfg).check("guest:create")
+        t = time.monotonic()
+        # -p then unpause: xenconsoled is already logging when the guest's first line comes
+        xl.create_paused(path, timeout=dl.guest_create)
+        domid = xl.domid(g.name)
+        xl.unpause(g.name)
+        phases[f"xl_create_{g.name}"] = round(time.monotonic() - t, 2)
+        booted.append((g, domid))
+    progress[0] = "guest:boot"
+    guests = []
+    for g, domid in booted:
+        t = time.monotonic()
+        runner = _connect(sc, l1, media, where, g, domid, deadline)
+        phases[f"guest_ssh_{g.name}"] = round(time.monotonic() - t, 2)
+        guests.append(Guest(g, guest_ip(sc, g.name), domid, runner, guest_platform(g.os)))
+    progress[0] = "guest:attach"
+    t = time.monotonic()
+    for gu in guests:
+        attach_disks(sc, l1, gu, xl, where, deadline)
+    phases["attach"] = round(time.monotonic() - t, 2)
+    return guests
+
+
+def _connect(sc: scenario.Scenario, l1: L1, media: Media, where: Where, g: scenario.GuestCfg,
+             domid: int, deadline: Deadline) -> ssh.SshRunner:
+    keys = media.keys
+    runner = ssh.SshRunner(
+        g.name, host_key=ssh.load_pinned_key(Path(str(keys.host("guest")) + ".pub")),
+        client_key=paramiko.Ed25519Key.from_private_key_file(str(keys.client)),
+        log_=where.cmdlog, connect=ssh.via(l1.dom0, guest_ip(sc, g.name)),
+    )
+
+    def abort() -> None:
+        """A guest console that shows it will never answer ends the wait at once."""
+        text = console_tail(l1, g.name, 60).encode()
+        fatal = console.LAB_FATAL.search(text) or console.GUEST_TOO_SMALL.search(text)
+        crash = console.find_crash(text)
+        if fatal or crash:
+            why = fatal.group(0).decode(errors="replace") if fatal else f"{crash[0]}: {crash[1]}"  # type: ignore[index]
+            raise LabError("guest:boot", f"guest {g.name} will not come up: {why}", tail=text.decode(errors="replace"))
+        if l1.dom0.run(["xl", "domid", g.name], timeout=sc.deadlines.command).rc != 0:
+            raise LabError("guest:boot", f"guest {g.name} (domain {domid}) is gone", tail=text.decode(errors="replace"))
+
+    try:
+        runner.connect(deadline.slice(sc.deadlines.guest_ssh), stage="guest:boot", abort=_every(3.0, abort))
+    except LabError as e:
+        e.tail = e.tail or console_tail(l1, g.name)
+        raise
+    return runner
+
+
+def _every(seconds: float, fn: Any) -> Any:
+    """Call `fn` at most once per `seconds` (each call costs dom0 round trips)."""
+    last = [0.0]
+
+    def call() -> None:
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            fn()
+
+    return call
+
+
+def attach_disks(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, deadline: Deadline) -> None:
+    """Load the frontend with the scenario's limits, then create and attach each
+    test disk and wait until both ends say Connected."""
+    dl = sc.deadlines
+    gp = gu.os
+    gu.runner.run(gp.frontend_argv(gu.cfg), timeout=dl.command).check("guest:attach")
+    have = gp.blkfront_params(gu.runner, timeout=dl.command)
+    wrong = {k: (v, have.get(k)) for k, v in gp.frontend_params(gu.cfg).items() if have.get(k) != v}
+    if wrong:
+        raise LabError("guest:attach", f"guest {gu.cfg.name}'s blkfront did not take the scenario's limits "
+                       f"(wanted, loaded): {wrong}")
+    for d in gu.cfg.disks:
+        name = f"lab-{gu.cfg.name}-{d.vdev}"
+        lower = l1.ops.disk_by_serial(name)
+        b = l1.ops.make_backing(name, lower)
+        gu.backings[d.vdev] = b
+        spec = f"format=raw, vdev={d.vdev}, access=rw, target={b.path}"
+        res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=dl.guest_create)
+        if res.transport_error:
+            res.check("guest:attach")  # the lab lost dom0: ERROR
+        if not res.ok:
+            be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
+            raise DiskFailure("guest:attach", f"`xl block-attach {gu.cfg.name} {d.vdev}` failed "
+                              f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
+        gu.vbds[d.vdev] = _wait_connected(sc, gu, xl, d.vdev, where, deadline.slice(sc.deadlines.guest_create))
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def _states(xenstore: str) -> str:
+    found = re.findall(r"/(\d+)/state = \"(\d)\"", xenstore)
+    return ", ".join(f"devid {d} state {s}" for d, s in found) or "no vbd in xenstore"
+
+
+def _wait_connected(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Where,
+                    deadline: Deadline) -> VbdInfo:
+    """Both ends Connected (xenbus state 4) and the disk present in the guest, within
+    the guest-create deadline; a disk that never gets there is the backend's FAIL."""
+    last = ""
+    while True:
+        be_raw = xl.xenstore_raw("/local/domain/0/backend")  # every kind: a qdisk would be seen too
+        fe_raw = xl.xenstore_raw(f"/local/domain/{gu.domid}/device/vbd")
+        be, fe = parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw)
+        info = None
+        try:
+            info = vbd_info(gu.domid, vdev, be, fe)
+        except LabError as e:
+            last = e.message
+        if info is not None:
+            last = f"backend state {info.state_backend or '?'}, frontend state {info.state_frontend or '?'}"
+            if {info.state_backend, info.state_frontend} & XENBUS_GIVING_UP:
+                (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+                err = xl.xenstore_raw("/local/domain/0/error")
+                why = "; ".join(v for k, v in parse_xenstore_ls(err).items() if k.endswith("/error")) or "no error node"
+                raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} was closed before it connected "
+                                  f"({last}; backend's error: {why})")
+            if (info.state_backend == info.state_frontend == XENBUS_CONNECTED
+                    and gu.runner.run(gu.os.disk_present_argv(vdev), timeout=10).ok):
+                (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+                return info
+        if deadline.expired():
+            (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+            if info is None and "qdisk" in last:
+                raise LabError("guest:attach", last)  # the lab's configuration, not the backend
+            raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} never connected within "
+                              f"{deadline.seconds:.0f}s: {last}")
+        time.sleep(0.5)

@@ -1,0 +1,281 @@
+"""The experiment: samplers, workloads and faults started on the attached test
+disks, then watched until the workloads end, a verdict is certain, or the
+deadline passes; then the drain. Every tick gathers observations and asks the
+pure decision (lab/decide.py); nothing here decides by itself."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lab import console, decide, sampling, scenario
+from lab.boot import L1, Where
+from lab.faults import Injector
+from lab.guests import Guest
+from lab.platform import Dom0Platform
+from lab.runner import Result, Runner
+from lab.sampling import Sampler
+from lab.timing import Deadline
+from lab.watchdog import Track, longest_gap, peak
+from lab.workload import WORKLOADS, IoResult
+
+PROBE_SECONDS = 5.0  # dom0's liveness probe: `true` over SSH answers in well under 1 s under TCG
+LONG = 24 * 3600.0  # samplers end with the run; the channel closes then
+
+
+@dataclass
+class Job:
+    """One running workload and what became of it."""
+
+    cfg: scenario.WorkloadCfg
+    guest: Guest
+    track: Track
+    index: int
+    grace: float  # the lab's deadline for it is its runtime plus this
+    thread: threading.Thread | None = None
+    result: Result | None = None
+
+    @property
+    def key(self) -> str:
+        return self.track.key
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a test or a scripting user sees once the workloads run (a hook)."""
+
+    dom0: Runner
+    guests: dict[str, Guest]
+    t0: float  # time.monotonic() at the workload's start
+    cleanup: Callable[[Callable[[], object]], None]  # run before teardown, as fault releases are
+
+
+@dataclass
+class Outcome:
+    verdict: decide.Verdict
+    tracks: list[Track]
+    samplers: list[Sampler]
+    faults: list[dict[str, Any]]
+    workloads: list[dict[str, Any]] = field(default_factory=list)
+    fio_s: float = 0.0
+    drain_s: float = 0.0
+    platform_record: dict[str, Any] = field(default_factory=dict)  # e.g. FreeBSD's "xbbd" report
+
+
+@dataclass
+class _Watch:
+    """The workload phase's live view, read by `snapshot`."""
+
+    consoles: dict[str, console.Console]
+    console_size: int = -1
+    console_moved_t: float = 0.0
+    last_probe_t: float = -1e9
+    probe_ok: bool | None = None
+
+
+def _cfg(sc: scenario.Scenario) -> decide.Config:
+    wd, dl = sc.watchdog, sc.deadlines
+    return decide.Config(stall_window=wd.stall_window, drain_window=wd.drain_window,
+                         workload_grace=dl.workload_grace, probe_seconds=PROBE_SECONDS)
+
+
+def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Guest], where: Where,
+        stack: contextlib.ExitStack, *, progress: list[str], deadline: Deadline,
+        on_started: Callable[[Started], None] | None = None) -> Outcome:
+    progress[0] = "workload"
+    dl, wd = sc.deadlines, sc.watchdog
+    by_name = {g.cfg.name: g for g in guests}
+    jobs: list[Job] = []
+    for i, w in enumerate(sc.workloads):
+        g = by_name[w.guest]
+        info = g.vbds[w.disk]
+        tool = WORKLOADS[w.tool]
+        job = tool.job(w, g.os.disk_device(w.disk))
+        (where.results / f"{w.tool}-{i}.job").write_text(job)
+        g.runner.run(["sh", "-c", f"cat > /run/lab/{w.tool}-{i}.job"], timeout=dl.command,
+                     input=job).check("workload")
+        jobs.append(Job(w, g, Track(w.guest, w.disk, info.sysfs_name, info.ring_capacity), i, dl.workload_grace))
+    tracks = [j.track for j in jobs]
+    lock = threading.Lock()
+    t0 = time.monotonic()
+    samplers = _start_samplers(sc, l1, guests, tracks, where, t0, lock)
+    def stop_samplers() -> None:
+        for s in samplers:
+            s.stop()
+
+    stack.callback(stop_samplers)
+    injector = None
+    if sc.faults:
+        vm = l1.vm
+        injector = Injector(sc.faults, dom0=l1.dom0, backing=lambda g, d: by_name[g].backings[d], scripts=l1.ops,
+                            pause_l1=lambda: _qmp(vm, "stop"), resume_l1=lambda: _qmp(vm, "cont"), t0=t0)
+        stack.callback(injector.release_all)
+        injector.start()
+    for j in jobs:
+        tool = WORKLOADS[j.cfg.tool]
+        argv = tool.argv(f"/run/lab/{j.cfg.tool}-{j.index}.job", f"/run/lab/{j.cfg.tool}-{j.index}.json")
+
+        def go(j: Job = j, argv: list[str] = argv) -> None:
+            j.result = j.guest.runner.run(argv, timeout=j.cfg.runtime + j.grace)
+
+        j.thread = threading.Thread(target=go, name=f"workload-{j.index}", daemon=True)
+        j.thread.start()
+    if on_started:
+        def cleanup(fn: Callable[[], object]) -> None:
+            stack.callback(fn)
+
+        on_started(Started(l1.dom0, by_name, t0, cleanup))
+    cfg = _cfg(sc)
+    end_by = deadline.slice(max(w.runtime for w in sc.workloads) + dl.workload_grace)
+    watch = _Watch({"xen": l1.xen_console})
+    verdict: decide.Verdict | None = None
+    while verdict is None:
+        # decide on a finer tick than the sampling interval: a stall is called
+        # within a quarter interval of the window closing, not up to a whole one
+        time.sleep(wd.interval / 4)
+        now = time.monotonic() - t0
+        obs = _snapshot(sc, platform, l1, jobs, samplers, injector, watch, now, end_by, final=False)
+        if not decide.samplers_silent(obs, cfg):
+            watch.probe_ok = None  # a probe answers only for the silence it was made in
+        elif now - watch.last_probe_t >= wd.stall_window:
+            watch.last_probe_t = now
+            watch.probe_ok = l1.dom0.run(["true"], timeout=PROBE_SECONDS).ok
+            obs = _snapshot(sc, platform, l1, jobs, samplers, injector, watch, now, end_by, final=False)
+        verdict = decide.watch(obs, cfg)
+        if verdict is None and all(j.thread is not None and not j.thread.is_alive() for j in jobs):
+            break
+    fio_s = round(time.monotonic() - t0, 2)
+    t_end = time.monotonic() - t0
+    drain_s = 0.0
+    if verdict is None:
+        progress[0] = "drain"
+        drain_dl = deadline.slice(wd.drain_window)
+        while not drain_dl.expired():
+            if all(d.drained for d in decide.drains(tracks, t_end).values()):
+                break
+            time.sleep(wd.interval / 2)
+        drain_s = round(time.monotonic() - t0 - t_end, 2)
+    # after an early verdict no workload finished: nothing to fetch (and L1 may not answer)
+    results = _fetch_results(sc, jobs, where) if verdict is None else {}
+    if verdict is None:
+        obs = _snapshot(sc, platform, l1, jobs, samplers, injector, watch, time.monotonic() - t0, end_by,
+                        final=True, t_end=t_end, results=results)
+        verdict = decide.decide(obs, cfg)
+    now = time.monotonic() - t0
+    records = [_workload_entry(j, results.get(j.index), now if verdict.verdict != "PASS" else t_end) for j in jobs]
+    return Outcome(verdict, tracks, samplers, [r.as_dict() for r in injector.records] if injector else [],
+                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record)
+
+
+def _qmp(vm: Any, cmd: str) -> None:
+    vm.qmp(cmd)
+
+
+def _streamer(runner: Any, argv: list[str]) -> Callable[[], Iterable[str]]:
+    return lambda: runner.stream(argv, timeout=LONG)
+
+
+def _start_samplers(sc: scenario.Scenario, l1: L1, guests: list[Guest], tracks: list[Track], where: Where,
+                    t0: float, lock: threading.Lock) -> list[Sampler]:
+    iv = str(sc.watchdog.interval)
+    by_name = {g.cfg.name: g for g in guests}
+    disks = [(by_name[tr.guest].vbds[tr.vdev], by_name[tr.guest].backings[tr.vdev]) for tr in tracks]
+    dom0_argv = l1.ops.sample_argv(iv, disks)
+    dom0 = l1.dom0
+    samplers = [Sampler("dom0", _streamer(dom0, dom0_argv),
+                        sampling.on_backend(tracks, l1.ops.parse_sample, lock), t0,
+                        raw=where.results / "samples-dom0.jsonl")]
+    for g in guests:
+        mine = [tr for tr in tracks if tr.guest == g.cfg.name]
+        if not mine:
+            continue
+        argv = g.os.stat_argv(iv, [tr.vdev for tr in mine])
+        samplers.append(Sampler(g.cfg.name, _streamer(g.runner, argv),
+                                sampling.on_guest(mine, g.os.parse_stat, lock), t0,
+                                raw=where.results / f"samples-{g.cfg.name}.jsonl"))
+    for s in samplers:
+        s.start()
+    return samplers
+
+
+def _snapshot(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, jobs: Sequence[Job],
+              samplers: Sequence[Sampler], injector: Injector | None, watch: _Watch, now: float, end_by: Deadline,
+              *, final: bool, t_end: float | None = None, results: dict[int, IoResult | str] | None = None
+              ) -> decide.Observations:
+    size = watch.consoles["xen"].size()
+    if size != watch.console_size:
+        watch.console_size, watch.console_moved_t = size, now
+    found = []
+    for name, con in watch.consoles.items():
+        crash = console.find_crash(con.read_all())
+        if crash:
+            found.append(decide.ConsoleFinding(name, crash[0], crash[1]))
+    tracks = [j.track for j in jobs]
+    rules = platform.rules(sc, tracks, final=final)
+    return decide.Observations(
+        stage="drain" if final else "workload", now=now, tracks=tracks,
+        workloads=[_workload_obs(j, (results or {}).get(j.index)) for j in jobs],
+        consoles=found, samplers=[decide.SamplerObs(**vars(sampling.state(s))) for s in samplers],
+        vm_alive=l1.vm.alive(), vm_rc=l1.vm.proc.returncode, dom0_probe_ok=watch.probe_ok,
+        console_silent_s=now - watch.console_moved_t, findings=rules.findings,
+        faults=[decide.FaultObs(r.cfg.kind, r.started_at) for r in (injector.records if injector else [])],
+        workload_deadline_passed=end_by.expired(), t_end=t_end,
+    )
+
+
+def _workload_obs(j: Job, parsed: IoResult | str | None) -> decide.WorkloadObs:
+    running = j.thread is not None and j.thread.is_alive()
+    r = j.result
+    if r is None:
+        return decide.WorkloadObs(j.key, running=running)
+    # the remote `timeout` (ssh.remote_command) fires with 124, or kills with 137,
+    # at the lab's deadline (not earlier: an OOM kill is 137 too)
+    limit = j.cfg.runtime + j.grace
+    stopped = r.timed_out or (r.rc in (124, 137) and r.elapsed >= limit - 1)
+    return decide.WorkloadObs(
+        j.key, running=running, rc=r.rc, transport_error=r.transport_error, stopped_by_lab=stopped,
+        stderr=r.stderr, errors=parsed.errors if isinstance(parsed, IoResult) else None,
+        no_result=parsed if isinstance(parsed, str) else "",
+    )
+
+
+def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> dict[int, IoResult | str]:
+    """Each finished workload's structured output, parsed; the reason when there is none."""
+    out: dict[int, IoResult | str] = {}
+    for j in jobs:
+        if j.result is None or j.result.transport_error:
+            continue
+        name = f"{j.cfg.tool}-{j.index}.json"
+        res = j.guest.runner.run(["cat", f"/run/lab/{name}"], timeout=sc.deadlines.command)
+        (where.results / name).write_text(res.stdout)
+        try:
+            out[j.index] = WORKLOADS[j.cfg.tool].parse(res.stdout)
+        except ValueError as e:
+            out[j.index] = str(e) or "unparsable output"
+    return out
+
+
+def _workload_entry(j: Job, parsed: IoResult | str | None, until: float) -> dict[str, Any]:
+    w, tr = j.cfg, j.track
+    during = [p for p in tr.backend_pts if p.t <= until]
+    return {
+        "guest": w.guest, "disk": w.disk, "tool": w.tool, "outstanding": w.iodepth * w.numjobs,
+        "ring_capacity": tr.ring_capacity,
+        "result": parsed.as_dict() if isinstance(parsed, IoResult) else None,
+        "peak_inflight_guest": peak(p.inflight for p in tr.guest_pts),
+        "peak_inflight_backing": peak(p.backing_inflight for p in tr.backend_pts),
+        "longest_completion_gap_s": longest_gap(tr),
+        # share of the workload's dom0 samples in which the backing device held at
+        # least a full ring: did the backend's pool of requests stay exhausted?
+        "backing_full_fraction": round(
+            sum(p.backing_inflight >= tr.ring_capacity for p in during) / max(1, len(during)), 3),
+        # the backend ran out of request structures: Linux's oo_req, FreeBSD's
+        # request_shortages (None where the backend lacks the counter)
+        **{k: (tr.backend_pts[-1].stats[k] - tr.backend_pts[0].stats[k])
+           if tr.backend_pts and k in tr.backend_pts[0].stats else None
+           for k in ("oo_req", "request_shortages")},
+    }

@@ -1,0 +1,173 @@
+"""Inside a Linux dom0 (the `Dom0Ops` of lab/platform): disks by serial, the
+dm-linear device under each guest test disk and the fault actions on it, the
+blkback statistics sampler, the clock, which backend is loaded, what evidence a
+hang collects."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.platform import Backing
+from lab.platform.linux import faults
+from lab.runner import Runner
+from lab.xen import VbdInfo
+
+# blkback's per-vbd statistics, summed over the vbd's rings (facts/linux-blkback-module.md)
+VBD_STATS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect")
+
+
+
+
+class Dom0Base:
+    """What every dom0 ops class shares: the runner and one way to run a script."""
+
+    def __init__(self, runner: Runner, *, timeout: float) -> None:
+        self.r = runner
+        self.timeout = timeout
+
+    def sh(self, script: str, *, stage: str, timeout: float | None = None) -> str:
+        return self.r.run(["sh", "-c", script], timeout=timeout or self.timeout).check(stage).stdout
+
+
+class LinuxDom0(Dom0Base):
+    os = "linux"
+
+    def disk_by_serial(self, serial: str) -> str:
+        """The virtio disk QEMU gave this serial (no udev here, so no by-id links)."""
+        out = self.sh(
+            "for f in /sys/block/vd*/serial; do "
+            f'[ "$(cat $f)" = {shlex.quote(serial)} ] && echo "${{f%/serial}}"; done; true',
+            stage="guest:disk",
+        )
+        names = [line.rsplit("/", 1)[-1] for line in out.split()]
+        if len(names) != 1:
+            raise LabError("guest:disk", f"dom0 has {len(names)} virtio disks with serial {serial!r}")
+        return f"/dev/{names[0]}"
+
+    def make_backing(self, name: str, lower: str) -> Backing:
+        """A dm-linear device over `lower`: faults later suspend, delay or fail it
+        without touching the guest's configuration."""
+        # --noudevsync + mknodes: there is no udev in the lab's dom0 to wait for.
+        out = self.sh(
+            f"set -e; n=$(blockdev --getsz {shlex.quote(lower)}); "
+            f"dmsetup create --noudevsync {shlex.quote(name)} --table \"0 $n linear {lower} 0\"; "
+            f"dmsetup mknodes {shlex.quote(name)}; "
+            f"dmsetup info -c --noheadings -o minor {shlex.quote(name)}",
+            stage="guest:disk",
+        )
+        return Backing(name, f"/dev/mapper/{name}", lower, f"dm-{int(out.strip())}")
+
+    def remove_backing(self, b: Backing) -> None:
+        self.r.run(["dmsetup", "resume", "--noudevsync", b.name], timeout=self.timeout)
+        self.r.run(["dmsetup", "remove", "--noudevsync", b.name], timeout=self.timeout)
+
+    def stat_paths(self, vbd_sysfs: str, backing: Backing) -> list[str]:
+        base = f"/sys/bus/xen-backend/devices/{vbd_sysfs}/statistics"
+        return [f"{base}/{s}" for s in VBD_STATS] + [f"/sys/block/{backing.kname}/inflight"]
+
+    def set_clock(self, epoch: int) -> None:
+        self.r.run(["date", "-u", "-s", f"@{epoch}"], timeout=self.timeout)
+
+    def sample_argv(self, interval: str, disks: list[tuple[VbdInfo, Backing]]) -> list[str]:
+        """One long-lived sampler for every test disk (images/common/lab-sample)."""
+        return ["lab-sample", interval, *[p for v, b in disks for p in self.stat_paths(v.sysfs_name, b)]]
+
+    @staticmethod
+    def parse_sample(values: list[str | None], n: int) -> list[dict[str, int] | None]:
+        per = len(values) // max(1, n)
+        return [parse_vbd_sample(values[i * per:(i + 1) * per]) for i in range(n)]
+
+    # faults act on the dm-linear device blkback submits to (faults.py)
+    def fault_script(self, kind: str, b: Backing, *, delay_ms: int = 0) -> str:
+        if kind == "stall":
+            return f"dmsetup suspend --noudevsync {b.name}"
+        if kind == "delay":
+            return faults.delay_script(b, delay_ms)
+        return faults.swap_table_script(b, faults.dm_table("error", b))
+
+    def release_scripts(self, kind: str, b: Backing) -> list[str]:
+        if kind == "stall":
+            return [f"dmsetup resume --noudevsync {b.name}"]
+        out = [faults.swap_table_script(b, faults.dm_table("linear", b))]
+        if kind == "delay":
+            out.append(f"dmsetup remove --noudevsync {b.name}-delay")
+        return out
+
+    def evidence_commands(self) -> list[tuple[str, list[str]]]:
+        return [
+            ("xl-list", ["xl", "list"]),
+            ("xl-dmesg", ["xl", "dmesg"]),
+            ("xenstore-backend", ["xenstore-ls", "-f", "/local/domain/0/backend"]),
+            ("dom0-vbd-stats", ["sh", "-c", "grep -H . /sys/bus/xen-backend/devices/vbd-*/statistics/*"]),
+            ("dom0-inflight", ["sh", "-c", "grep -H . /sys/block/*/inflight"]),
+            ("dom0-dmsetup", ["sh", "-c", "dmsetup info; dmsetup table"]),
+            # Xen's own view: 'q' dumps domain and vCPU state into the Xen console ring
+            ("xen-debug-keys-q", ["sh", "-c", "xl debug-keys q && xl dmesg | tail -n 300"]),
+            # blocked (D-state) task stacks in dom0, then its whole kernel log
+            ("dom0-blocked-tasks", ["sh", "-c", "echo w > /proc/sysrq-trigger; dmesg | tail -n 300"]),
+            ("dom0-dmesg", ["dmesg"]),
+        ]
+
+    def backend_module(self) -> dict[str, str]:
+        """What backend is loaded: the record states it; patched backends compare it."""
+        out = self.r.run(["sh", "-c", BACKEND_INFO], timeout=self.timeout).stdout
+        return parse_key_values(out)
+
+    def install_backend(self, ko: Path, expect_build_id: str | None, *, put: Callable[[Path, str], object]) -> dict:
+        """Swap the stock xen-blkback for `ko` (no vbd exists yet), and prove it is
+        the one loaded: a run with anything else loaded is an ERROR, never a PASS."""
+        put(ko, "/run/lab/xen-blkback.ko")
+        self.sh("rmmod xen_blkback; insmod /run/lab/xen-blkback.ko", stage="backend")
+        loaded = self.backend_module()
+        if not expect_build_id or loaded.get("build_id") != expect_build_id:
+            raise LabError("backend", f"dom0 runs xen-blkback with build-id {loaded.get('build_id')!r}, "
+                           f"not the one built ({expect_build_id!r})")
+        return loaded
+
+    def mount_boot_disk(self, serial: str, where: str) -> None:
+        """The read-only disk with the guests' kernels (cheaper than copying them
+        over SSH, whose crypto runs emulated in dom0)."""
+        dev = self.disk_by_serial(serial)
+        # --flushbufs: after a restore, dom0's buffer cache may hold blocks of the
+        # boot disk of the run that saved the state; this run's disk differs.
+        self.sh(f"blockdev --flushbufs {dev} && mkdir -p {where} && mount -t ext4 -o ro,noload {dev} {where}",
+                stage="guest:create")
+
+
+# One line per fact, key=value; a missing fact prints an empty value.
+BACKEND_INFO = r"""
+m=xen_blkback
+echo "kernel=$(uname -r)"
+echo "module_path=$(modinfo -n $m 2>/dev/null)"
+echo "srcversion=$(modinfo -F srcversion $m 2>/dev/null)"
+echo "vermagic=$(modinfo -F vermagic $m 2>/dev/null)"
+echo "build_id=$(od -An -tx1 -v /sys/module/$m/notes/.note.gnu.build-id 2>/dev/null | tr -d ' \n' | cut -c33-)"
+echo "taint=$(cat /sys/module/$m/taint 2>/dev/null)"
+for p in /sys/module/$m/parameters/*; do echo "param.${p##*/}=$(cat $p)"; done
+"""
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep and k.strip():
+            out[k.strip()] = v.strip()
+    return out
+
+
+def parse_vbd_sample(values: list[str | None]) -> dict[str, int] | None:
+    """One dom0 sample of `stat_paths`: the 7 statistics then 'reads writes' in flight."""
+    if len(values) != len(VBD_STATS) + 1 or any(v is None for v in values):
+        return None
+    try:
+        stats = {k: int(str(v).strip()) for k, v in zip(VBD_STATS, values, strict=False)}
+        r, w = str(values[-1]).split()[:2]
+    except ValueError:
+        return None
+    stats["backing_inflight"] = int(r) + int(w)
+    stats["taken"] = stats["rd_req"] + stats["wr_req"] + stats["f_req"] + stats["ds_req"]
+    return stats
