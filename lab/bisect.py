@@ -8,14 +8,22 @@ the bisection at once instead of skipping every commit.
 
 Confirm before blaming (OSSTest's rule): the first bad commit is reported only
 after N runs at it all fail and N runs at its parent all pass; otherwise the
-result is "not reproducible". Ctrl-C leaves the repository as it was."""
+result is "not reproducible". Ctrl-C leaves the repository as it was.
+
+What "the backend built from the repository" means is the dom0 platform's to say
+(`with_backend_source`): [backend] source on a Linux dom0 (the default), the dom0
+kernel's tree ([freebsd] src) on a FreeBSD one. Before anything touches the
+repository, the platform's `preflight` refuses what `lab run` would refuse first
+(a FreeBSD dom0 without media: the same ERROR, exit 4, in seconds). `plan` lists
+the per-step work without running it."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import math
+import shlex
 import subprocess
 import sys
 import time
@@ -45,6 +53,22 @@ def git(repo: Path, *args: str, check: bool = True, timeout: float = 120) -> str
     return res.stdout.strip()
 
 
+def with_source(sc: scenario.Scenario, repo: Path) -> scenario.Scenario:
+    """`sc` with `repo` as the tree of the backend under test, where the dom0
+    platform puts it (its `with_backend_source`)."""
+    from lab.platforms import dom0_platform
+
+    return dom0_platform(sc.dom0.os).with_backend_source(sc, repo)
+
+
+def preflight(sc: scenario.Scenario) -> None:
+    """The dom0 platform's own check of what a run needs before it starts (media):
+    raises the LabError `lab run` would end with."""
+    from lab.platforms import dom0_platform
+
+    dom0_platform(sc.dom0.os).preflight(sc)
+
+
 def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", accel: str | None = None,
              cold: bool = False) -> dict:
     """One lab run of `sc` with the backend built from `repo` at its HEAD."""
@@ -55,7 +79,7 @@ def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", a
     steps.mkdir(parents=True, exist_ok=True)
     n = len(list(steps.iterdir())) + 1
     d = steps / f"{n:02d}-{sha[:12]}{'-' + label if label else ''}"
-    sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(repo)))
+    sc = with_source(sc, repo)
     t = time.monotonic()
     rec = pipeline.run(sc, pipeline.Options(results_root=out, results_dir=d, accel=accel, cold=cold))
     entry = {
@@ -75,6 +99,8 @@ def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, re
            accel: str | None = None) -> dict:
     sc = scenario.load(scenario_spec)
     repo = repo.resolve()
+    preflight(sc)  # e.g. a FreeBSD dom0 without media: lab run's ERROR, before git is touched
+    with_source(sc, repo)  # a tree the platform cannot use is refused now, not skipped at every step
     if git(repo, "status", "--porcelain", "--untracked-files=no"):
         raise LabError("bisect", f"{repo} has uncommitted changes: commit or stash them first")
     good_sha, bad_sha = git(repo, "rev-parse", good), git(repo, "rev-parse", bad)
@@ -130,6 +156,70 @@ def _confirm(sc: scenario.Scenario, repo: Path, first: str, runs: int, out: Path
     else:
         conf["reason"] = "not reproducible: " + json.dumps(conf["confirm"])
     return conf
+
+
+def plan(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, accel: str | None = None
+         ) -> list[dict[str, Any]]:
+    """What `lab bisect` would do, run nothing: the bisection's git commands, the
+    dom0 platform's plan of one step with `repo` as the backend's tree (the very
+    list `lab run --plan` prints for that scenario), the verdict-to-git mapping
+    and the confirmation runs."""
+    from lab.platforms import dom0_platform
+
+    sc = scenario.load(scenario_spec)
+    repo = repo.resolve()
+    step_sc = with_source(sc, repo)
+    good_sha = git(repo, "rev-parse", good, check=False) or good
+    bad_sha = git(repo, "rev-parse", bad, check=False) or bad
+    count = git(repo, "rev-list", "--count", f"{good_sha}..{bad_sha}", check=False)
+    n = int(count) if count.isdigit() else None
+    out = "$RESULTS/bisect/<utc stamp>"
+    step_argv = [sys.executable, "-m", "lab.bisect", "step", "--scenario", str(Path(sc.source).resolve()),
+                 "--repo", str(repo), "--out", out, *(["--accel", accel] if accel else [])]
+    size = (f"{n} commits in {good}..{bad}: about {max(1, math.ceil(math.log2(n + 1)))} steps" if n is not None
+            else f"{good}..{bad} (not resolvable here)")
+    steps: list[dict[str, Any]] = [
+        {"step": "preflight", "what": "the dom0 platform's check of what a run needs (media), the tree checked "
+         "usable, the repository clean; else ERROR, exit 4, before git is touched"},
+        {"step": "bisect-start", "what": size, "command": ["git", "-C", str(repo), "bisect", "start", bad_sha, good_sha]},
+        {"step": "bisect-run", "what": "git checks out each commit and runs one lab step there: the steps below, "
+         "where everything cached stays cached (media and the provisioned image are made once; a kernel once per "
+         "tree hash)",
+         "command": ["git", "-C", str(repo), "bisect", "run", *step_argv]},
+    ]
+    for st in dom0_platform(sc.dom0.os).plan(step_sc):
+        steps.append({**st, "step": f"each step: {st['step']}"})
+    steps += [
+        {"step": "each step: verdict", "what": "PASS -> 0 (good); FAIL, HANG, CRASH -> 1 (bad); ERROR and L1 "
+         f"unresponsive -> 125 (skip); ERROR before the backend stage ({', '.join(EARLY_STAGES)}) -> {ABORT} "
+         f"(stops the bisection). One line per step in {out}/steps.jsonl"},
+        {"step": "confirm", "what": f"{runs} runs at git's first bad commit must all FAIL/HANG/CRASH and {runs} at "
+         "its parent all PASS, else 'not reproducible'"},
+        {"step": "reset", "what": "the repository back where it was, on every exit",
+         "command": ["git", "-C", str(repo), "bisect", "reset"]},
+    ]
+    return steps
+
+
+def plan_lines(res: list[dict[str, Any]], *, title: str) -> list[str]:
+    """The plan as `lab run --plan` prints one."""
+    lines = [f"# {title}; {len(res)} steps, nothing has been run"]
+    for i, st in enumerate(res, 1):
+        lines.append(f"\n{i:2}. [{st['step']}] {st['what']}")
+        for k in ("url", "path", "command", "then", "script", "milestones", "fails_on", "unverified"):
+            if k not in st:
+                continue
+            v = st[k]
+            if k in ("command", "then") and isinstance(v, list):
+                lines.append(f"      {'$' if k == 'command' else 'then $'} {shlex.join(str(a) for a in v)}")
+            elif k == "then":
+                lines.append(f"      then: {v}")
+            elif isinstance(v, list):
+                lines.append(f"      {k}:")
+                lines += [f"        {line}" for line in v]
+            else:
+                lines.append(f"      {k}: {v}")
+    return lines
 
 
 def _steps(out: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -32,6 +33,7 @@ from lab import console
 from lab.errors import LabError, ScenarioError
 from lab.platform import freebsd
 from lab.platform.freebsd import fetch, media, packages, render, vm, xbbd
+from lab.timing import Deadline
 
 FB = DATA / "freebsd"
 REPO = FB / "repo"
@@ -82,10 +84,42 @@ def test_pick_shall_honour_fs_and_flavour_order() -> None:
     assert media.pick_vm_image(s, version="14.3", fmt="raw") == f"{V}-BASIC-CLOUDINIT-ufs.raw.xz"
 
 
-def test_pick_shall_fall_back_to_plain_when_the_release_has_no_cloudinit_flavour() -> None:
-    """13.x drift: no BASIC-CLOUDINIT images, no filesystem in the names (UFS only)."""
-    got = media.pick_vm_image(sums("CHECKSUM.SHA512-13.5"), version="13.5")
-    assert got == "FreeBSD-13.5-RELEASE-amd64.qcow2.xz"
+def test_pick_shall_refuse_a_release_with_only_the_plain_flavour_and_name_the_one_to_download() -> None:
+    """13.x drift: no BASIC-CLOUDINIT images. The plain image runs no nuageinit and
+    prints nothing on serial: taking it would wait silently for the provisioning
+    deadline (issue 16, defect 4)."""
+    with pytest.raises(LabError) as e:
+        media.pick_vm_image(sums("CHECKSUM.SHA512-13.5"), version="13.5")
+    assert e.value.stage == "media"
+    assert "FreeBSD-13.5-RELEASE-amd64.qcow2.xz" in e.value.message
+    assert "FreeBSD-13.5-RELEASE-amd64-BASIC-CLOUDINIT-ufs.qcow2.xz" in e.value.message
+    assert media.vm_image_base("13.5") in e.value.message
+
+
+def test_a_plain_image_given_by_the_user_shall_be_refused_before_anything_starts(tmp_path: Path) -> None:
+    plain = tmp_path / f"{V}-ufs.qcow2.xz"
+    plain.write_bytes(b"plain")
+    (tmp_path / "CHECKSUM.SHA512").write_text(f"SHA512 ({plain.name}) = {hashlib.sha512(b'plain').hexdigest()}\n")
+    out = media.missing_media(image_file=str(plain), packages_dir=str(REPO), cache_dir=tmp_path, version="14.3",
+                              reachable=lambda url: True)
+    assert len(out) == 1 and "plain VM image" in out[0] and f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz" in out[0]
+    with pytest.raises(LabError) as e:
+        media.get_image(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(plain))
+    assert "BASIC-CLOUDINIT" in e.value.message
+    ci = tmp_path / f"{V}-BASIC-CI-ufs.raw.xz"
+    assert "the BASIC-CI flavour" in (media.flavour_problem(ci.name, "14.3") or "")
+    assert media.flavour_problem(f"{V}-BASIC-CLOUDINIT-ufs.qcow2.xz", "14.3") is None
+
+
+@pytest.mark.parametrize("version, ok", [("13.5", False), ("14.1", False), ("14.2", False), ("14.3", True),
+                                         ("14.4", True), ("15.0", True)])
+def test_versions_shall_be_refused_below_14_3_saying_which_are_supported(version: str, ok: bool) -> None:
+    if ok:
+        media.check_version(version)
+        return
+    with pytest.raises(ScenarioError) as e:
+        media.check_version(version)
+    assert f"FreeBSD {version}" in e.value.message and "supported: 14.3 and later" in e.value.message
 
 
 def test_pick_shall_see_through_snapshot_stamps_and_accept_raw_for_the_preferred_flavour() -> None:
@@ -210,17 +244,119 @@ def test_meta_conf_shall_parse_ucl_and_json_forms_with_defaults() -> None:
     assert js["packing_format"] == "tzst" and js["manifests_archive"] == "packagesite"
 
 
-def packagesite_pkg(fmt: str) -> bytes:
-    """packagesite.pkg as pkg-repo writes it: a tar holding packagesite.yaml."""
-    yaml = (REPO / "packagesite.yaml").read_bytes()
+@dataclass(frozen=True)
+class Signer:
+    """A repository signing key as `pkg repo` uses one (signature_type fingerprints)."""
+
+    key: Any
+    pem: bytes
+
+    @property
+    def fingerprint(self) -> str:  # what share/keys/pkg/trusted/* holds
+        return hashlib.sha256(self.pem).hexdigest()
+
+    def sign(self, data: bytes) -> bytes:
+        """pkg hands its signing command the hex sha256 of the catalogue, which signs
+        that text (`openssl dgst -sign key -sha256`): RSA PKCS#1 v1.5, SHA-256."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        return self.key.sign(hashlib.sha256(data).hexdigest().encode(), padding.PKCS1v15(), hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return make_signer()
+
+
+def make_signer() -> Signer:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Signer(key, pem)
+
+
+def packagesite_pkg(fmt: str, signer: Signer | None = None, *, yaml: bytes | None = None,
+                    signed: bytes | None = None) -> bytes:
+    """packagesite.pkg as pkg-repo writes it: a tar holding packagesite.yaml and,
+    when signed, <name>.sig and <name>.pub ahead of it (libpkg reads any member
+    ending in .sig/.pub as a signature/key pair named by the rest). `signed`: the
+    bytes the signature covers, when they should differ from the catalogue."""
+    yaml = (REPO / "packagesite.yaml").read_bytes() if yaml is None else yaml
+    members = []
+    if signer is not None:
+        members += [("signature.sig", signer.sign(yaml if signed is None else signed)), ("signature.pub", signer.pem)]
+    members.append(("packagesite.yaml", yaml))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz" if fmt == "txz" else "w") as tar:
-        info = tarfile.TarInfo("packagesite.yaml")
-        info.size = len(yaml)
-        tar.addfile(info, io.BytesIO(yaml))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     if fmt == "tzst":
         return subprocess.run(["zstd", "-q", "-c"], input=buf.getvalue(), capture_output=True, check=True).stdout
     return buf.getvalue()
+
+
+def test_the_trusted_fingerprint_shall_be_the_one_freebsd_ships() -> None:
+    """share/keys/pkg/trusted/pkg.freebsd.org.2013102301 (FreeBSD's base system)."""
+    assert packages.TRUSTED_FINGERPRINTS == {
+        "pkg.freebsd.org.2013102301": "b0170035af3acc5f3f3ae1859dc717101b4e6c1d0a794ad554928ca0cbb2f438"}
+
+
+def test_a_catalogue_signed_by_a_trusted_key_shall_verify(signer: Signer) -> None:
+    members = packages.catalogue_members(packagesite_pkg("txz", signer))
+    got = packages.verify_catalogue(members, trusted={"test-key": signer.fingerprint})
+    assert got == {"signature": "verified", "signer": "signature", "key": "test-key",
+                   "fingerprint": signer.fingerprint}
+
+
+def test_a_catalogue_changed_after_signing_shall_be_refused(signer: Signer) -> None:
+    yaml = (REPO / "packagesite.yaml").read_bytes()
+    forged = yaml.replace(b'"sum":"', b'"sum":"0', 1)[:len(yaml)]
+    members = packages.catalogue_members(packagesite_pkg("txz", signer, yaml=forged, signed=yaml))
+    with pytest.raises(LabError) as e:
+        packages.verify_catalogue(members, trusted={"test-key": signer.fingerprint})
+    assert e.value.stage == "media" and "does not match packagesite.yaml" in e.value.message
+
+
+def test_a_catalogue_signed_by_an_untrusted_key_shall_be_refused(signer: Signer) -> None:
+    members = packages.catalogue_members(packagesite_pkg("txz", signer))
+    with pytest.raises(LabError) as e:
+        packages.verify_catalogue(members)  # FreeBSD's own fingerprint: not the test key
+    assert f"key sha256 {signer.fingerprint} is not a trusted fingerprint" in e.value.message
+    other = make_signer()
+    members["signature.pub"] = other.pem  # a trusted key that did not make the signature
+    with pytest.raises(LabError) as e:
+        packages.verify_catalogue(members, trusted={"other": other.fingerprint})
+    assert "does not match" in e.value.message
+
+
+def test_an_unsigned_catalogue_shall_be_refused_from_a_repository(signer: Signer) -> None:
+    with pytest.raises(LabError) as e:
+        packages.verify_catalogue(packages.catalogue_members(packagesite_pkg("txz")))
+    assert "carries no signature" in e.value.message
+    members = packages.catalogue_members(packagesite_pkg("txz", signer))
+    del members["signature.pub"]
+    with pytest.raises(LabError) as e:
+        packages.verify_catalogue(members, trusted={"test-key": signer.fingerprint})
+    assert "signature.sig has no signature.pub" in e.value.message
+
+
+def test_a_users_unsigned_catalogue_shall_be_used_and_recorded_as_unsigned(tmp_path: Path, signer: Signer) -> None:
+    d = tmp_path / "pkgs"
+    shutil.copytree(REPO / "All", d / "All")
+    (d / "packagesite.pkg").write_bytes(packagesite_pkg("txz"))
+    cat = packages.get_catalogue(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(d))
+    assert cat.trust["signature"] == "none" and "unsigned" in cat.trust["why"]
+    (d / "packagesite.pkg").write_bytes(packagesite_pkg("txz", signer))  # signed: checked like a download
+    with pytest.raises(LabError):
+        packages.get_catalogue(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(d))
+    cat = packages.get_catalogue(fetch.Fetcher(tmp_path / "c"), version="14.3", source=str(d),
+                                 trusted={"test-key": signer.fingerprint})
+    assert cat.trust["signature"] == "verified" and cat.cache_sub is None
 
 
 @pytest.mark.parametrize("fmt", ["txz", "tzst"])
@@ -502,14 +638,22 @@ def test_get_image_from_a_local_file_shall_need_the_checksum_beside_it(tmp_path:
 
 
 @pytest.mark.parametrize("fmt", ["txz", "tzst"])
-def test_get_packages_shall_resolve_and_verify_from_a_repository(server: Served, tmp_path: Path, fmt: str) -> None:
+def test_get_packages_shall_resolve_and_verify_from_a_repository(server: Served, tmp_path: Path, fmt: str,
+                                                                 signer: Signer,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     if fmt == "tzst" and not shutil.which("zstd"):
         pytest.skip("no zstd tool here")
     repo = "/FreeBSD:14:amd64/release_3/"
     server.files[repo + "meta.conf"] = f'version = 2;\npacking_format = "{fmt}";\n'.encode()
-    server.files[repo + "packagesite.pkg"] = packagesite_pkg(fmt)
+    server.files[repo + "packagesite.pkg"] = packagesite_pkg(fmt)  # unsigned: refused
     for p in (REPO / "All").iterdir():
         server.files[repo + "All/" + p.name] = p.read_bytes()
+    with pytest.raises(LabError) as e:
+        packages.get_packages(fetch.Fetcher(tmp_path / "unsigned"), version="14.3",
+                              source=server.base + repo.lstrip("/"))
+    assert "carries no signature" in e.value.message
+    server.files[repo + "packagesite.pkg"] = packagesite_pkg(fmt, signer)
+    monkeypatch.setitem(packages.TRUSTED_FINGERPRINTS, "test-key", signer.fingerprint)
     got = packages.get_packages(fetch.Fetcher(tmp_path), version="14.3", source=server.base + repo.lstrip("/"))
     names = [p.name for p, _ in got]
     assert names == [p.name for p in packages.resolve(catalogue(), packages.DOM0_PACKAGES)]
@@ -587,16 +731,9 @@ def test_loader_conf_shall_refuse_values_that_break_it(kw: dict) -> None:
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK+MH4E8KO32N5CXRvXVqvyZVl0+6ue4DobdhU0FqFd+ xen-blklab"
 PRIV = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
 HOST_PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyHostKeyHostKeyHostKeyHostKeyHostKe dom0"
-# directories a stock FreeBSD image has before any package: write_files creates none
-STOCK_DIRS = {"/boot", "/etc", "/etc/ssh", "/etc/rc.d"}
-
-
-def user_data() -> tuple[str, dict]:
-    text = render.render_user_data(authorized_key=PUB, host_key_private=PRIV, host_key_public=HOST_PUB,
-                               packages_dir="packages", loader_conf=loader_conf())
-    header, _, body = text.partition("\n")
-    assert header == "#cloud-config"
-    return text, json.loads(body)  # JSON is YAML: what nuageinit parses
+def user_data() -> str:
+    return render.render_user_data(authorized_key=PUB, host_key_private=PRIV, host_key_public=HOST_PUB,
+                                   packages_dir="packages", loader_conf=loader_conf())
 
 
 def sh_syntax_ok(lines: list[str]) -> None:
@@ -605,47 +742,147 @@ def sh_syntax_ok(lines: list[str]) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def test_user_data_shall_write_files_only_into_existing_directories() -> None:
-    _, doc = user_data()
-    paths = {f["path"] for f in doc["write_files"]}
-    assert {str(Path(p).parent) for p in paths} <= STOCK_DIRS
-    files = {f["path"]: f for f in doc["write_files"]}
-    assert files["/boot/loader.conf"]["content"] == loader_conf() and files["/boot/loader.conf"]["append"]
-    assert files["/etc/sysctl.conf"]["content"] == "vm.max_wired=-1\n"
-    assert files["/etc/ttys"]["content"] == 'xc0 "/usr/libexec/getty Pc" xterm onifconsole secure\n'
-    assert "PermitRootLogin prohibit-password" in files["/etc/ssh/sshd_config"]["content"]
-    assert files["/etc/ssh/lab_root_keys"]["content"] == PUB + "\n"
-    sh_syntax_ok(files["/etc/rc.d/lab_ready"]["content"].splitlines())
-    assert "lab-dom0: ready" in files["/etc/rc.d/lab_ready"]["content"]
+# FreeBSD's /etc/ssh/sshd_config keeps every setting commented out; the
+# BASIC-CLOUDINIT image appends two lines (release/tools/basic-cloudinit.conf).
+SSHD_CONFIG = """#	$OpenBSD: sshd_config,v 1.104 2021/07/02 05:11:21 dtucker Exp $
+#PermitRootLogin no
+#PasswordAuthentication no
+#KbdInteractiveAuthentication yes
+Subsystem	sftp	/usr/libexec/sftp-server
+# Example of overriding settings on a per-user basis
+#Match User anoncvs
+#	X11Forwarding no
+PasswordAuthentication yes
+UsePAM no
+"""
+STUBS = {
+    # the FreeBSD tools the script calls, standing in on L0; each logs its argv
+    "mount": 'echo "mount $*" >> "$LAB_ROOT/.log"; [ -z "${FAIL_MOUNT:-}" ]',
+    "umount": 'echo "umount $*" >> "$LAB_ROOT/.log"',
+    "pkg": 'echo "pkg $*" >> "$LAB_ROOT/.log"; case "$*" in *xen-kernel*) : > "$LAB_ROOT/boot/xen";; esac',
+    "cap_mkdb": 'echo "cap_mkdb $*" >> "$LAB_ROOT/.log"',
+    "pw": 'echo "pw $*" >> "$LAB_ROOT/.log"',
+    "poweroff": 'echo POWEROFF',
+    # sshd -T -f FILE: the first value wins, as in sshd
+    "sshd": "awk 'tolower($1) == \"passwordauthentication\" { print \"passwordauthentication\", tolower($2); exit }' \"$3\"",
+    # sysrc [-f FILE] [-n] NAME[=VALUE]...
+    "sysrc": """f=/etc/rc.conf; n=
+while [ $# -gt 0 ]; do case "$1" in -f) f=$2; shift 2;; -n) n=1; shift;; *) break;; esac; done
+for a; do k=${a%%=*}
+  if [ -n "$n" ]; then sed -n "s/^$k=\\"\\{0,1\\}\\([^\\"]*\\)\\"\\{0,1\\}$/\\1/p" "$f"; continue; fi
+  grep -v "^$k=" "$f" > "$f.t"; echo "$k=\\"${a#*=}\\"" >> "$f.t"; mv "$f.t" "$f"
+done""",
+}
 
 
-def test_user_data_shall_pin_the_host_key_and_create_no_default_user() -> None:
-    _, doc = user_data()
-    assert doc["ssh_keys"] == {"ed25519_private": PRIV.strip(), "ed25519_public": HOST_PUB}
-    assert doc["users"] == []
-    assert "packages" not in doc and "package_update" not in doc  # offline: nothing from the network
+def fake_freebsd(root: Path) -> Path:
+    """The files a fresh BASIC-CLOUDINIT image has that the script touches, and
+    the config disk's packages directory; returns the stubs' directory."""
+    for d in ("boot", "etc/ssh", "etc/rc.d", "root", "var/cache/nuageinit", "media/lab-cidata/packages"):
+        (root / d).mkdir(parents=True)
+    (root / "boot/loader.conf").write_text('autoboot_delay="-1"\nconsole="comconsole,vidconsole"\n')
+    (root / "etc/rc.conf").write_text('nuageinit_enable="YES"\nfirstboot_freebsd_update_enable="YES"\n')
+    (root / "etc/ssh/sshd_config").write_text(SSHD_CONFIG)
+    (root / "etc/login.conf").write_text("default:\\\n\t:memorylocked=64K:\\\n\t:umask=022:\n")
+    for f in ("etc/sysctl.conf", "etc/ttys", "firstboot", "var/cache/nuageinit/user_data",
+              "var/cache/nuageinit/runcmds"):
+        (root / f).write_text("")
+    (root / "media/lab-cidata/packages/ORDER").write_text("pkg-2.1.2.pkg\nxen-kernel-4.19.2.pkg\n")
+    bin_ = root.parent / "bin"
+    bin_.mkdir()
+    for name, body in STUBS.items():
+        (bin_ / name).write_text("#!/bin/sh\n" + body + "\n")
+        (bin_ / name).chmod(0o755)
+    return bin_
 
 
-def test_user_data_runcmd_shall_install_offline_configure_and_power_off() -> None:
-    _, doc = user_data()
-    run = doc["runcmd"]
-    sh_syntax_ok(run)
-    script = "\n".join(run)
-    order = ["mount -t cd9660 /dev/iso9660/cidata", "pkg add -f \"./$(head -n 1 ORDER)\"", "tail -n +2 ORDER",
-             "test -f /boot/xen", "cap_mkdb /etc/login.conf", "/root/.ssh/authorized_keys",
-             "sysrc xencommons_enable=yes sshd_enable=yes", "lab-provision: done"]
-    at = [script.index(s) for s in order]
-    assert at == sorted(at)
-    assert "memorylocked=unlimited" in script
-    assert [line for line in run if "poweroff" in line][0].startswith("trap ")  # on every exit, before any step
-    assert "install -d -m 700 /root/.ssh" in script  # write_files would not create it
-    assert f"cd {render.CIDATA_MOUNT}/packages" in script
+def run_user_data(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    root = tmp_path / "root"
+    bin_ = fake_freebsd(root)
+    script = tmp_path / "user_data"
+    script.write_text(user_data())
+    res = subprocess.run(["sh", str(script)], capture_output=True, text=True,
+                         env={"PATH": f"{bin_}:/usr/bin:/bin", "LAB_ROOT": str(root), **env})
+    return res, root
+
+
+def test_user_data_shall_be_a_plain_sh_script_that_every_nuageinit_runs() -> None:
+    """14.3's nuageinit has no write_files: a #cloud-config's files would be
+    skipped there, a #! script runs on 14.3 and 14.4 alike (issue 16, defect 3)."""
+    text = user_data()
+    assert text.startswith("#!/bin/sh\n") and "#cloud-config" not in text and "write_files" not in text
+    sh_syntax_ok(text.splitlines())
+    assert render.build_user_data(render.build_script(patches=[], ident="abc")).startswith("#!/bin/sh\n")
+
+
+def test_provisioning_shall_write_its_files_install_offline_disarm_and_power_off(tmp_path: Path) -> None:
+    """The whole script, run under sh on L0 against a stand-in root with stub tools."""
+    res, root = run_user_data(tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines() == ["lab-provision: start", "lab-provision: done", "POWEROFF"]
+    assert (root / "boot/loader.conf").read_text().endswith(loader_conf())
+    assert (root / "boot.config").read_text() == "-h\n"  # defect 1: later boots speak on serial from boot2 on
+    assert (root / "etc/sysctl.conf").read_text() == "vm.max_wired=-1\n"
+    assert (root / "etc/ttys").read_text() == 'xc0 "/usr/libexec/getty Pc" xterm onifconsole secure\n'
+    assert (root / "etc/ssh/ssh_host_ed25519_key").read_text() == PRIV
+    assert (root / "etc/ssh/ssh_host_ed25519_key").stat().st_mode & 0o777 == 0o600
+    assert (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text() == HOST_PUB + "\n"
+    assert (root / "root/.ssh/authorized_keys").read_text() == PUB + "\n"
+    assert (root / "root/.ssh").stat().st_mode & 0o777 == 0o700
+    assert (root / "etc/rc.d/lab_ready").read_text() == render.RC_READY
+    assert (root / "etc/rc.d/lab_ready").stat().st_mode & 0o111
+    assert ":memorylocked=unlimited:" in (root / "etc/login.conf").read_text()
+    log = (root / ".log").read_text().splitlines()
+    assert [line for line in log if line.startswith("pkg ")] == ["pkg add -f ./pkg-2.1.2.pkg",
+                                                                 "pkg add ./xen-kernel-4.19.2.pkg"]
+    rc = (root / "etc/rc.conf").read_text()
+    for kv in ('hostname="lab-dom0"', 'xencommons_enable="yes"', 'ifconfig_bridge0_name="xenbr0"'):
+        assert kv in rc.splitlines()
+
+
+def test_provisioning_shall_disarm_firstboot_and_nuageinit_before_powering_off(tmp_path: Path) -> None:
+    """/firstboot is removed only at the end of rc, and the script powers off from
+    inside rc; nuageinit never deletes its cached script: without this the dom0's
+    boot ran the provisioning again and powered itself off (issue 16, defect 2)."""
+    res, root = run_user_data(tmp_path)
+    assert res.returncode == 0
+    for f in ("firstboot", "var/cache/nuageinit/user_data", "var/cache/nuageinit/runcmds"):
+        assert not (root / f).exists(), f
+    rc = (root / "etc/rc.conf").read_text().splitlines()
+    assert 'nuageinit_enable="NO"' in rc and 'firstboot_freebsd_update_enable="NO"' in rc
+    text = user_data()
+    assert text.index("\ndisarm ||") < text.index("echo 'lab-provision: done'")
+    trap = next(line for line in text.splitlines() if line.startswith("trap "))
+    assert trap.index("disarm") < trap.index("poweroff")  # every exit, failures too
+
+
+def test_provisioning_shall_report_one_fatal_line_and_power_off_disarmed_on_failure(tmp_path: Path) -> None:
+    res, root = run_user_data(tmp_path, FAIL_MOUNT="1")
+    assert res.returncode == 1
+    assert res.stdout.splitlines() == ["lab-provision: start", "lab-provision: FATAL: cannot mount the config disk",
+                                       "POWEROFF"]
+    assert console.LAB_FATAL.search(res.stdout.encode())
+    assert not (root / "firstboot").exists()
+
+
+def test_sshd_config_shall_say_no_first_whatever_the_image_appended(tmp_path: Path) -> None:
+    """sshd keeps the first value it reads; the image appends `PasswordAuthentication
+    yes`: appending `no` after it changed nothing (issue 16)."""
+    res, root = run_user_data(tmp_path)
+    assert res.returncode == 0
+    active = [line for line in (root / "etc/ssh/sshd_config").read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#")]
+    assert active[:3] == list(render.SSHD_SETTINGS)
+    assert [line for line in active if line.lower().startswith("passwordauthentication")] == [
+        "PasswordAuthentication no"]
+    assert "UsePAM no" in active and "Subsystem\tsftp\t/usr/libexec/sftp-server" in active
 
 
 def test_user_data_shall_refuse_bad_keys_and_paths() -> None:
     base = {"authorized_key": PUB, "host_key_private": PRIV, "host_key_public": HOST_PUB,
             "packages_dir": "packages", "loader_conf": ""}
-    for k, v in [("authorized_key", "not a key"), ("host_key_private", "secret"), ("packages_dir", "a b;rm")]:
+    for k, v in [("authorized_key", "not a key"), ("host_key_private", "secret"), ("packages_dir", "a b;rm"),
+                 ("loader_conf", "x\nLAB_EOF\nreboot\n")]:
         with pytest.raises(LabError):
             render.render_user_data(**{**base, k: v})
 
@@ -668,24 +905,36 @@ def test_meta_data_shall_be_yaml_scalars_nuageinit_reads() -> None:
     assert text == 'instance-id: "dom0-abc"\nlocal-hostname: "lab-dom0"\n'
 
 
-def test_provisioning_shall_report_one_fatal_line_and_power_off_on_failure(tmp_path: Path) -> None:
-    """Run the script's first lines for real (sh), with a failing step and a fake poweroff."""
-    (tmp_path / "poweroff").write_text("#!/bin/sh\necho POWEROFF\n")
-    (tmp_path / "poweroff").chmod(0o755)
-    run = render.provision_script(packages_dir="packages")[:4] + ["fail 'cannot mount the config disk'"]
-    res = subprocess.run(["sh", "-c", "\n".join(run)], capture_output=True, text=True,
-                         env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
-    assert res.returncode == 1
-    assert res.stdout.splitlines() == ["lab-provision: FATAL: cannot mount the config disk", "POWEROFF"]
-    assert console.LAB_FATAL.search(res.stdout.encode())
-    res = subprocess.run(["sh", "-c", "\n".join(run[:4] + ["false"])], capture_output=True, text=True,
-                         env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
-    assert res.stdout.splitlines() == ["lab-provision: FATAL: exit 1", "POWEROFF"]
-
-
 def test_cidata_shall_be_an_iso_labelled_lowercase_cidata() -> None:
     argv = render.cidata_argv(Path("/s"), Path("/o.iso"))
     assert argv[0] == "genisoimage" and argv[argv.index("-volid") + 1] == "cidata" and "-rock" in argv
+
+
+def walk(path: Path, milestones: list[console.Milestone]) -> list[str]:
+    """The boot loop's own wait (console.Console.wait_for) over a finished console."""
+    con = console.Console(path, "test")
+    seen = []
+    for m in milestones:
+        con.wait_for(m, Deadline(0.5))
+        seen.append(m.what)
+    return seen
+
+
+def test_the_loader_milestone_shall_be_seen_before_and_after_the_console_switch() -> None:
+    """Consoles reconstructed from the loader's and kernel's sources (tests/data/
+    freebsd/README.md): the provisioning boot shows nothing of the loader before
+    loader.conf switches the console; the old pattern (`Consoles: |FreeBSD/x86 `)
+    never matched there and every FreeBSD VM ended in ERROR (issue 16, defect 1)."""
+    prov = FB / "console-provision.txt"
+    old = re.compile(rb"Consoles: |FreeBSD/x86 ")
+    assert not old.search(prov.read_bytes())
+    assert walk(prov, [vm.FREEBSD_LOADER, vm.FREEBSD_KERNEL, vm.PROVISIONED]) == [
+        "FreeBSD's loader", "the FreeBSD kernel's banner", "the provisioning script to finish"]
+    assert walk(FB / "console-dom0.txt", list(vm.DOM0_BOOT)) == [m.what for m in vm.DOM0_BOOT]
+    for line in (b"Loading Xen kernel...", b"Loading kernel...", b"/boot/xen text=0x1a4e40 data=0x2b8c0 ",
+                 b"Consoles: serial port  ", b"FreeBSD/x86 bootstrap loader, Revision 1.1"):
+        assert vm.FREEBSD_LOADER.pattern.search(line), line
+    assert not vm.FREEBSD_LOADER.pattern.search(b"FreeBSD 14.3-RELEASE releng/14.3-n271432 GENERIC amd64")
 
 
 def test_milestones_shall_match_freebsd_console_lines() -> None:

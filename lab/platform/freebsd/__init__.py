@@ -20,6 +20,7 @@ from FreeBSD's sources and documentation and must be confirmed on a first run.""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from lab.errors import LabError
 from lab.platform import BackendCtx, BootStep, Media, Rules
 from lab.platform.freebsd.dom0 import FreeBsdDom0
 from lab.platform.freebsd.kernel import kernel_plan
-from lab.platform.freebsd.media import freebsd_version, media_or_error, media_plan
+from lab.platform.freebsd.media import check_version, freebsd_version, media_or_error, media_plan
 from lab.platform.freebsd.provision import Dom0Image, VmJob, ensure_dom0_image, plan_base, provision_plan
 from lab.platform.freebsd.vm import boot_plan, dom0_boot_limits, nested_kvm_problem
 from lab.platform.freebsd.vm import vm_spec as freebsd_vm_spec
@@ -95,7 +96,8 @@ class FreeBsdPlatform:
         img = ensure_dom0_image(sc, version=version, job=job, keys=keys, cache=images.cache_dir() / "freebsd")
         m = img.manifest
         record = {"dom0": str(img.path), "guest": str(guest.dir), "freebsd_version": version, "version_chosen": how,
-                  "base_image": m.get("image"), "packages": m.get("packages"), "kernel_id": img.kernel_id,
+                  "base_image": m.get("image"), "packages": m.get("packages"),
+                  "package_catalogue": m.get("catalogue"), "kernel_id": img.kernel_id,
                   "freebsd_image_s": round(time.monotonic() - t, 2)}
         return Media(dom0_root=(img.path, "qcow2"), guest=guest, keys=keys, record=record, accel=accel,
                      accel_reason=why, private=img)
@@ -143,11 +145,35 @@ class FreeBsdPlatform:
         return live_rules(tracks, stall_window=window)
 
     def plan(self, sc: scenario.Scenario) -> list[dict[str, Any]]:
-        """The dry run: which release (and how it was chosen), then plan_steps."""
+        """The dry run: which release (and how it was chosen; an unsupported one is
+        refused here too), then plan_steps, then the verdict rules."""
         version, how = freebsd_version(sc)
+        check_version(version)
         release = {"step": "release", "what": f"FreeBSD {version} dom0 ({how})", "version": version,
                    "chosen": how}
+        shortages = sc.freebsd.fail_on_request_shortages
+        decide = {"step": "decide", "what": "the common rules (progress, drain, crash) plus blkback's: FAIL on "
+                  "growth of reqs_completed_with_error or in flight above max_requests, HANG on responses queued and "
+                  "never pushed; request_shortages growth is "
+                  + ("FAIL ([freebsd] fail_on_request_shortages = true)" if shortages else
+                     "reported only ([freebsd] fail_on_request_shortages = false)")}
         return [release, *plan_steps(version=version, arch="amd64", image_file=sc.freebsd.image or None,
                                      packages_dir=sc.freebsd.packages or None, src=sc.freebsd.src or None,
                                      patches=list(sc.freebsd.patches), kernconf=sc.freebsd.kernconf,
-                                     cpus=sc.lab.cpus, memory_mib=sc.lab.memory.mib)]
+                                     cpus=sc.lab.cpus, memory_mib=sc.lab.memory.mib), decide]
+
+    # ---- what `lab bisect` asks of a dom0 platform (lab/bisect.py)
+    def with_backend_source(self, sc: scenario.Scenario, src: Path) -> scenario.Scenario:
+        """The scenario with `src` as the tree of the backend under test: on a
+        FreeBSD dom0 that is the dom0 kernel ([freebsd] src), built at each step
+        (cached by source_hash: sys/, patches, KERNCONF), booted, judged."""
+        if not (src / "sys" / "dev" / "xen" / "blkback" / "blkback.c").is_file():
+            raise LabError("bisect", f"{src}: not a FreeBSD source tree (no sys/dev/xen/blkback/blkback.c)")
+        return dataclasses.replace(sc, freebsd=dataclasses.replace(sc.freebsd, src=str(src)))
+
+    def preflight(self, sc: scenario.Scenario) -> None:
+        """What `lab run` would refuse first, in seconds: an unsupported release or
+        missing media (LabError("image") naming them), before a bisect starts."""
+        from lab import images
+
+        media_or_error(sc, cache_dir=images.cache_dir())

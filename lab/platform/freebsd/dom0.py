@@ -90,6 +90,21 @@ class FreeBsdDom0:
     def release_scripts(self, kind: str, b: Backing) -> list[str]:
         return [f"gnop configure -q 0 -x 0 -r 0 -w 0 {b.path}"]
 
+    def backend_leftovers(self, domids: list[int], backings: list[Backing]) -> list[str]:
+        """After the teardown: no vbd node left in xenstore for those domains (xbbd
+        has no module to unload and its ring threads are taskqueue threads)."""
+        out = self.r.run(["sh", "-c", "xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null; true"],
+                         timeout=self.timeout).stdout
+        nodes = set()
+        for line in out.splitlines():
+            parts = line.split(" = ", 1)[0].split("/")
+            if len(parts) > 7 and parts[6].isdigit() and int(parts[6]) in domids:
+                nodes.add("/".join(parts[:8]))
+        return [f"{n} still in xenstore" for n in sorted(nodes)]
+
+    def unload_backend(self) -> str | None:
+        return None  # blkback is built into FreeBSD's kernel
+
     def evidence_commands(self) -> list[tuple[str, list[str]]]:
         return [
             ("xl-list", ["xl", "list"]),

@@ -27,7 +27,7 @@ from typing import Any
 from lab import qemu
 from lab.errors import LabError
 from lab.platform.freebsd.fetch import file_digest
-from lab.platform.freebsd.render import SRC_SERIAL, TARGET_SERIAL, build_script, cidata_argv
+from lab.platform.freebsd.render import SRC_SERIAL, TARGET_SERIAL, build_script, build_user_data, cidata_argv
 from lab.platform.freebsd.steps import (
     NO_RUNNER,
     Dom0Image,
@@ -122,8 +122,7 @@ def kernel_steps(k: KernelBuild, job: VmJob) -> list[Step]:
             check(job.runner, tar, "backend", timeout=1800)
 
     def cidata() -> None:
-        user_data = "#cloud-config\n" + json.dumps({"users": [], "runcmd": script}, indent=2) + "\n"
-        stage_cidata(w / "cidata", user_data=user_data, instance_id=f"lab-build-{k.kid}",
+        stage_cidata(w / "cidata", user_data=build_user_data(script), instance_id=f"lab-build-{k.kid}",
                      files=[(p, f"patches/{n}") for p, n in zip(k.patches, names, strict=True)])
         make_cidata(w / "cidata", iso, job.runner)
         shutil.rmtree(w / "cidata")
@@ -147,7 +146,8 @@ def kernel_steps(k: KernelBuild, job: VmJob) -> list[Step]:
              "hashed (sys/ + patches + KERNCONF) first: an unchanged tree is not rebuilt",
              {"command": ["cp", str(k.src), str(tarball), "(then zero-padded to whole 512-byte sectors)"] if txz
               else tar}, source),
-        Step("kernel-cidata", "the build's config disk: the build script as runcmd, the patches under patches/",
+        Step("kernel-cidata", "the build's config disk: the build script as a #!/bin/sh user-data, the patches "
+             "under patches/",
              {"command": cidata_argv(w / "cidata", iso)},
              cidata),
         Step("builder-overlay", "the builder VM's disk: an overlay on the release image, grown to 40G",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lab import cache
-from lab.errors import LabError
+from lab.errors import LabError, ScenarioError
 from lab.platform.freebsd.fetch import Fetcher, is_url
 from lab.platform.freebsd.fetch import media_error as _media
 from lab.platform.freebsd.packages import (
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
 
 DOWNLOAD_BASE = "https://download.freebsd.org/releases/VM-IMAGES/"
 FALLBACK_VERSION = "14.3"  # the plan's version when the latest cannot be looked up
+# The provisioning is a plain #!/bin/sh user-data, which nuageinit runs in 14.3 and
+# 14.4 alike (14.3's nuageinit predates write_files, so #cloud-config files would be
+# skipped there). nuageinit first shipped in 14.1 (nuageinit(7) HISTORY); 14.1's and
+# 14.2's were not checked, 13.x has none. Later 14.x and 15.x: on paper.
+MIN_VERSION = (14, 3)
+# The only image flavour whose first boot runs nuageinit and whose loader.conf puts
+# the console on the serial line (release/tools/basic-cloudinit.conf: VM_RC_LIST
+# enables nuageinit, loader.conf gets console="comconsole,vidconsole"). The plain
+# image runs nothing from a config disk and prints nothing on serial.
+CLOUDINIT = "BASIC-CLOUDINIT"
 
 
 # ------------------------------------------------------------------ the image
@@ -94,11 +104,12 @@ def pick_vm_image(
     arch: str = "amd64",
     fs: str = "ufs",
     fmt: str = "qcow2",
-    flavours: Sequence[str] = ("BASIC-CLOUDINIT", ""),
+    flavours: Sequence[str] = (CLOUDINIT,),
 ) -> str:
     """The image to download, chosen from the names CHECKSUM lists: the first
-    flavour in `flavours` that exists (BASIC-CLOUDINIT carries nuageinit, which the
-    provisioning needs), `fmt` before raw, compressed before uncompressed."""
+    flavour in `flavours` that exists (only BASIC-CLOUDINIT runs nuageinit, which
+    the provisioning needs: a release without it is refused, naming the flavour),
+    `fmt` before raw, compressed before uncompressed."""
     fmts = [fmt] + (["raw"] if fmt != "raw" else [])
     best: tuple[tuple[int, int, int], str] | None = None
     for name in checksums:
@@ -108,6 +119,11 @@ def pick_vm_image(
         rank = (list(flavours).index(img.flavour), fmts.index(img.fmt), 0 if img.compressed else 1)
         if best is None or rank < best[0]:
             best = (rank, name)
+    if best is None and CLOUDINIT in flavours:
+        others = sorted(n for n in checksums if (i := _image_name(n, version, arch)) and i.flavour != CLOUDINIT)
+        if others:
+            raise _media(f"FreeBSD {version} {arch}: no {CLOUDINIT} VM image ({fs}) among the files CHECKSUM lists, "
+                         f"only {', '.join(others)}. " + flavour_advice(version, arch))
     if best is None:
         listed = "\n  ".join(sorted(checksums)) or "(none)"
         want = " or ".join(f or "plain" for f in flavours)
@@ -115,6 +131,37 @@ def pick_vm_image(
             f"no FreeBSD {version} {arch} VM image ({want}, {fs}, {' or '.join(fmts)}) among the "
             f"files CHECKSUM lists:\n  {listed}")
     return best[1]
+
+
+def flavour_advice(version: str, arch: str = "amd64") -> str:
+    return (f"The lab needs the {CLOUDINIT} flavour: only its first boot runs nuageinit (the provisioning) and "
+            "prints on the serial console; the plain image would wait silently until the provisioning deadline. "
+            f"Download FreeBSD-{version}-RELEASE-{arch}-{CLOUDINIT}-ufs.qcow2.xz and CHECKSUM.SHA512 from "
+            f"{vm_image_base(version, arch)}")
+
+
+def flavour_problem(name: str, version: str, arch: str = "amd64") -> str | None:
+    """Why the image file `name` cannot be provisioned (not BASIC-CLOUDINIT), or None."""
+    img = _image_name(name, version, arch)
+    if img is None:
+        return (f"{name} is not named like a FreeBSD {version} {arch} VM image, so its flavour is unknown. "
+                + flavour_advice(version, arch))
+    if img.flavour != CLOUDINIT:
+        what = f"the {img.flavour} flavour" if img.flavour else "the plain VM image"
+        return f"{name} is {what}. " + flavour_advice(version, arch)
+    return None
+
+
+def check_version(version: str) -> None:
+    """Refuse a release the provisioning does not support, saying which ones it does."""
+    major, minor = split_version(version)
+    if (major, minor) < MIN_VERSION:
+        why = ("13.x has no nuageinit" if major < 14 else
+               "its nuageinit was never checked" if (major, minor) >= (14, 1) else "it has no nuageinit")
+        raise ScenarioError(
+            f"FreeBSD {version} as the dom0: not supported ({why}). The dom0 image is provisioned by nuageinit "
+            f"from a {CLOUDINIT} VM image; supported: {MIN_VERSION[0]}.{MIN_VERSION[1]} and later "
+            "(set [freebsd] version, or leave it empty for the latest 14.x)")
 
 
 def latest_release(listing_html: str, major: int = 14) -> str:
@@ -149,6 +196,9 @@ def get_image(fetcher: Fetcher, *, version: str, arch: str = "amd64", source: st
         name = src.name if src.is_file() else pick_vm_image(sums, version=version, arch=arch)
         if name not in sums:
             raise _media(f"{sums_file} does not list {name}")
+        problem = flavour_problem(name, version, arch)
+        if problem:
+            raise _media(problem)
         return fetcher.fetch(str(folder), name=name, **digest_kw(sums[name]))
     base = source or base_url or vm_image_base(version, arch)
     base += "" if base.endswith("/") else "/"
@@ -269,6 +319,9 @@ def _local_image_problem(p: Path, version: str, arch: str) -> str | None:
         return f"{folder / 'CHECKSUM.SHA512'}: {e.message}"
     if name not in sums:
         return f"{folder / 'CHECKSUM.SHA512'} does not list {name} (a different release's checksums?)"
+    problem = flavour_problem(name, version, arch)
+    if problem:
+        return problem
     if not (folder / name).is_file():
         return f"{folder} has CHECKSUM.SHA512 but not {name}; download it from {base}{name}"
     return None
@@ -307,6 +360,7 @@ def media_or_error(sc: scenario.Scenario, *, cache_dir: Path,
     Say at once, in seconds and before anything starts, what is missing and how to
     supply it (LabError at stage `image`). Returns (version, how it was chosen)."""
     version, how = freebsd_version(sc)
+    check_version(version)
     missing = missing_media(image_file=sc.freebsd.image or None, packages_dir=sc.freebsd.packages or None,
                             cache_dir=cache_dir, version=version, reachable=reachable)
     if missing:
@@ -333,8 +387,8 @@ def media_plan(*, version: str, arch: str, image_file: str | None, packages_dir:
         base = vm_image_base(version, arch)
         steps.append({"step": "checksum", "what": "download the release's checksums", "url": base + "CHECKSUM.SHA512",
                       "dest": f"{work}/CHECKSUM.SHA512"})
-        steps.append({"step": "image", "what": "download the image CHECKSUM.SHA512 names (BASIC-CLOUDINIT, ufs, "
-                      "qcow2.xz preferred), resumable", "url": base + "{name}", "dest": f"{work}/{{name}}",
+        steps.append({"step": "image", "what": "download the image CHECKSUM.SHA512 names (BASIC-CLOUDINIT only: "
+                      "the plain image is refused; ufs, qcow2.xz preferred), resumable", "url": base + "{name}", "dest": f"{work}/{{name}}",
                       "chosen_by": "pick_vm_image"})
     steps.append({"step": "verify", "what": "sha512 of the image against CHECKSUM.SHA512 before it is renamed into "
                   "the cache", "algo": "sha512"})
@@ -344,9 +398,12 @@ def media_plan(*, version: str, arch: str, image_file: str | None, packages_dir:
                   "output": f"{work}/{{name}} without .xz"})
     if packages_dir:
         steps.append({"step": "packages", "what": "use the given packages in place: catalogue (packagesite.yaml or "
-                      ".pkg) and .pkg files, each verified by the catalogue's sha256", "path": packages_dir})
+                      ".pkg; a signed .pkg is checked as a download is, an unsigned one is recorded as such) and .pkg "
+                      "files, each verified by the catalogue's sha256", "path": packages_dir})
     else:
-        steps.append({"step": "packagesite", "what": "download the catalogue of the release's package set",
+        steps.append({"step": "packagesite", "what": "download the catalogue of the release's package set and "
+                      "check its signature: a .sig/.pub pair in packagesite.pkg whose key has the fingerprint FreeBSD "
+                      "trusts (share/keys/pkg/trusted/pkg.freebsd.org.2013102301), RSA over the catalogue's sha256",
                       "url": repo + "meta.conf", "then": repo + "packagesite.pkg",
                       "extract": ["zstd", "-dc", "packagesite.pkg", "|", "tar", "-x", "packagesite.yaml"]})
         steps.append({"step": "packages", "what": f"resolve {', '.join(DOM0_PACKAGES)} with their dependencies "

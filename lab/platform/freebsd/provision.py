@@ -20,7 +20,7 @@ from lab import qemu
 from lab.platform.freebsd.fetch import Fetcher, progress_logger
 from lab.platform.freebsd.kernel import ensure_kernel
 from lab.platform.freebsd.media import decompress_image, get_image, image_cache_sub
-from lab.platform.freebsd.packages import Pkg, get_packages, package_order
+from lab.platform.freebsd.packages import Pkg, fetch_packages, get_catalogue, package_order
 from lab.platform.freebsd.render import (
     CIDATA_PACKAGES,
     cidata_argv,
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from lab import scenario
     from lab.images import Keys
 
-PROVISION_FORMAT = 1  # bump when the provisioning changes in a way the inputs do not show
+PROVISION_FORMAT = 2  # bump when the provisioning changes in a way the inputs do not show
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,10 @@ def provision_steps(p: Provision, job: VmJob) -> list[Step]:
              {"command": ["qemu-img", "create", "-q", "-f", "qcow2", "-F", p.base_fmt or image_format(p.base),
                           "-b", str(p.base), str(disk)],
               "then": ["qemu-img", "resize", "-q", str(disk), "16G"]}),
-        Step("provision", "boot the image under QEMU without Xen and without a NIC; nuageinit installs the packages "
-             "offline from the config disk, writes loader.conf and the rest, then powers off",
+        Step("provision", "boot the image under QEMU without Xen and without a NIC; nuageinit runs the lab's "
+             "#!/bin/sh user-data: it writes loader.conf, /boot.config (-h), keys and sshd_config, installs the "
+             "packages offline from the config disk, disarms the first boot (removes /firstboot and nuageinit's "
+             "cached user_data/runcmds, nuageinit_enable=NO), then powers off",
              {"command": plan_argv(spec), "milestones": [m.what for m, _ in milestones] + ["QEMU to exit (poweroff)"],
               "fails_on": "lab-provision: FATAL: ..."}, provision),
         Step("flatten", "the provisioned dom0 image, read-only, cached by the hash of its inputs (image, packages, "
@@ -128,14 +130,15 @@ def ensure_dom0_image(sc: scenario.Scenario, *, version: str, job: VmJob, keys: 
     fetcher = fetcher or Fetcher(cache.parent, progress=progress_logger("download"))
     xz = get_image(fetcher, version=version, arch=arch, source=cfg.image or None)
     base = decompress_image(xz, out_dir=cache.parent / image_cache_sub(version, arch))
-    pkgs = get_packages(fetcher, version=version, arch=arch, source=cfg.packages or None)
+    catalogue = get_catalogue(fetcher, version=version, arch=arch, source=cfg.packages or None)
+    pkgs = fetch_packages(fetcher, catalogue)
     user_data = render_user_data(
         authorized_key=keys.public(keys.client), host_key_private=keys.host("dom0").read_text(),
         host_key_public=keys.public(keys.host("dom0")), packages_dir=CIDATA_PACKAGES,
         loader_conf=render_loader_conf(dom0_mem_mb=sc.dom0.memory.mib, dom0_vcpus=sc.lab.cpus, iommu=False))
     inputs = {"format": PROVISION_FORMAT, "version": version, "image": xz.name, "image_size": xz.stat().st_size,
               "packages": sorted(f"{p.name}-{p.version}:{p.sha256}" for p, _ in pkgs),
-              "user_data": hashlib.sha256(user_data.encode()).hexdigest()}
+              "user_data": hashlib.sha256(user_data.encode()).hexdigest(), "catalogue": catalogue.trust}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
     final = put_built(cache / "dom0" / key, lambda work: provision_steps(Provision(
         base, work, float(cfg.provision_timeout), user_data, f"lab-provision-{key}", pkgs, inputs), job),

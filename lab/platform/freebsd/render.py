@@ -1,8 +1,8 @@
 """What runs inside the FreeBSD VMs, rendered on L0 (pure text, no I/O):
 loader.conf (FreeBSD's loader boots Xen, FreeBSD is its PVH dom0), nuageinit's
-#cloud-config with the provisioning script (packages from the config disk, never
-from the network), meta-data, the config disk's genisoimage command, and the
-kernel-build VM's script."""
+user-data (a plain #!/bin/sh provisioning script: packages from the config disk,
+never from the network), meta-data, the config disk's genisoimage command, and
+the kernel-build VM's script."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def render_loader_conf(*, dom0_mem_mb: int, dom0_vcpus: int, iommu: bool, extra:
 
 
 TTYS_XC0 = 'xc0 "/usr/libexec/getty Pc" xterm onifconsole secure'
-SSHD_LINES = "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+SSHD_SETTINGS = ("PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no")
 # Printed on the console once sshd and xencommons are up: the dom0-ready milestone
 # (the same words the Linux dom0's init prints, console.DOM0_INIT).
 RC_READY = """#!/bin/sh
@@ -68,6 +68,21 @@ stop_cmd=":"
 load_rc_config $name
 run_rc_command "$1"
 """
+# Where nuageinit's rc script mounts the config disk while it runs
+# (libexec/rc/rc.d/nuageinit); older nuageinit ran a #! user-data at that time,
+# with the disk still mounted there, so the scripts use it rather than mount twice.
+NUAGEINIT_MOUNT = "/media/nuageinit"
+# What nuageinit leaves behind for later boots: it copies the user-data to
+# /var/cache/nuageinit/user_data (mode 0755 when it starts with #!) and runcmd to
+# /var/cache/nuageinit/runcmds, and never deletes either (libexec/nuageinit/nuageinit).
+NUAGEINIT_CACHE = ("/var/cache/nuageinit/user_data", "/var/cache/nuageinit/runcmds")
+# rc(8) removes /firstboot (rc.conf's firstboot_sentinel) only at the very end of
+# rc (libexec/rc/rc), and the provisioning powers off from inside rc.
+FIRSTBOOT = ("/firstboot", "/firstboot-reboot")
+# rc.conf knobs the BASIC-CLOUDINIT image turns on for its first boot
+# (release/tools/basic-cloudinit.conf, VM_RC_LIST): off for every later boot.
+FIRSTBOOT_SERVICES = ("nuageinit_enable", "firstboot_freebsd_update_enable")
+HEREDOC_END = "LAB_EOF"
 
 
 def _safe_rel(path: str, what: str) -> str:
@@ -76,93 +91,150 @@ def _safe_rel(path: str, what: str) -> str:
     return path.strip("/")
 
 
-def provision_script(*, packages_dir: str) -> list[str]:
-    """The runcmd lines (nuageinit writes them to one /bin/sh script and runs it at
-    the end of the first boot). The config disk is unmounted by then, so it is
-    mounted again; `ORDER` on it lists the .pkg files dependencies first, pkg
-    itself on the first line. Every step is checked: a nuageinit that skipped a
-    write_files entry, or a package that did not install, ends the provisioning
-    with `lab-provision: FATAL: ...` (console.LAB_FATAL) instead of a dom0 that
-    fails later for no visible reason. The VM powers off in every case."""
-    pkgdir = f"{CIDATA_MOUNT}/{_safe_rel(packages_dir, 'packages directory')}"
-    check = "grep -qxF {line} {file} || fail '{file} lacks {what}'"
+def _heredoc(command: str, content: str, what: str) -> list[str]:
+    """`command <<'LAB_EOF' || fail what` with `content` verbatim (a quoted
+    delimiter: no expansion of $, `, \\ in it)."""
+    if any(line == HEREDOC_END for line in content.splitlines()):
+        raise LabError("image", f"a file for the provisioning holds a line {HEREDOC_END!r}")
+    return [f"{command} <<'{HEREDOC_END}' || fail {shlex.quote(what)}", *content.rstrip("\n").split("\n"),
+            HEREDOC_END]
+
+
+def sshd_config_edit(path: str = "$R/etc/ssh/sshd_config") -> list[str]:
+    """sshd takes the first value it reads for a keyword (sshd_config(5)), and the
+    BASIC-CLOUDINIT image appends `PasswordAuthentication yes` (and `UsePAM no`)
+    to the end of sshd_config (release/tools/basic-cloudinit.conf): a line
+    appended after it would be ignored. So every active line of the keywords the
+    lab sets is dropped (keywords are case-insensitive; `Keyword=value` counts
+    too) and the lab's lines go first, ahead of any Match block."""
+    keys = "|".join(s.split()[0].lower() for s in SSHD_SETTINGS)
+    first = "; ".join(f'print "{s}"' for s in SSHD_SETTINGS)
     return [
-        "set -u",
-        "said=",
-        "fail() { said=1; echo \"lab-provision: FATAL: $*\"; exit 1; }",
-        "trap 'rc=$?; [ $rc -eq 0 ] || [ -n \"$said\" ] || echo \"lab-provision: FATAL: exit $rc\"; poweroff' EXIT",
-        f"mkdir -p {CIDATA_MOUNT}",
-        f"mount -t cd9660 /dev/iso9660/cidata {CIDATA_MOUNT} || fail 'cannot mount the config disk'",
-        f"cd {pkgdir} || fail 'no {packages_dir} on the config disk'",
+        f"awk 'BEGIN {{ {first} }} {{ l = tolower($0) }} l ~ /^[ \\t]*({keys})[ \\t=]/ {{ next }} {{ print }}' "
+        f"\"{path}\" > \"{path}.lab\" && cat \"{path}.lab\" > \"{path}\" && rm -f \"{path}.lab\" "
+        "|| fail 'editing sshd_config'",
+    ]
+
+
+def disarm_lines() -> list[str]:
+    """The `disarm` shell function: after it, no later boot of the image (the dom0,
+    and the copy the kernel build installs into) runs the provisioning again."""
+    rm = " ".join(f'"$R{p}"' for p in (*FIRSTBOOT, *NUAGEINIT_CACHE))
+    knobs = " ".join(f"{k}=NO" for k in FIRSTBOOT_SERVICES)
+    return [f"disarm() {{ rm -f {rm}; sysrc -f \"$R/etc/rc.conf\" {knobs} > /dev/null; }}"]
+
+
+def provision_script(*, packages_dir: str) -> list[str]:
+    """The provisioning's commands after the files are written (render_user_data
+    puts them in one #!/bin/sh script). Packages come from the config disk (`ORDER`
+    lists the .pkg files dependencies first, pkg itself on the first line). Every
+    step is checked: a failed one ends the provisioning with `lab-provision:
+    FATAL: ...` (console.LAB_FATAL) instead of a dom0 that fails later for no
+    visible reason. Before it reports done, it disarms the first-boot machinery
+    and checks that it did; the VM powers off in every case, disarmed first.
+    `$R` is the root ("" on FreeBSD; a directory when tests run it on L0, as
+    nuageinit's own tests use NUAGE_FAKE_ROOTDIR)."""
+    pkgdir = _safe_rel(packages_dir, "packages directory")
+    check = "grep -qxF {line} \"$R{file}\" || fail '{file} lacks {what}'"
+    rc = "-f \"$R/etc/rc.conf\""
+    return [
+        # nuageinit's rc script may still hold the disk at NUAGEINIT_MOUNT (a second
+        # mount of the same provider would fail with EBUSY)
+        f"if [ -f \"$R{NUAGEINIT_MOUNT}/user-data\" ]; then cidata=\"$R{NUAGEINIT_MOUNT}\"; mounted=; else "
+        f"cidata=\"$R{CIDATA_MOUNT}\"; mkdir -p \"$cidata\" && mount -t cd9660 /dev/iso9660/cidata \"$cidata\" "
+        "|| fail 'cannot mount the config disk'; mounted=1; fi",
+        f"cd \"$cidata/{pkgdir}\" || fail 'no {packages_dir} on the config disk'",
         "export ASSUME_ALWAYS_YES=yes IGNORE_OSVERSION=yes",
         # The image's /usr/sbin/pkg is the bootstrap stub: it installs the real pkg from a
         # local file. With the default repository's fingerprints it would also want a
         # pkg.pkg.sig beside it; every file here was verified on L0 against the
-        # catalogue's sha256, so the stub's own signature check is switched off (unverified).
+        # catalogue's sha256 (the catalogue against its signature), so the stub's own
+        # signature check is switched off (usr.sbin/pkg/pkg.c reads SIGNATURE_TYPE from
+        # the environment; unverified on a real boot).
         "SIGNATURE_TYPE=none pkg add -f \"./$(head -n 1 ORDER)\" || fail 'pkg bootstrap from the config disk'",
         "tail -n +2 ORDER | while read -r f; do pkg add \"./$f\" || exit 1; done || fail 'pkg add'",
-        "test -f /boot/xen || fail 'xen-kernel installed no /boot/xen'",
-        "cd / && umount " + CIDATA_MOUNT,
+        "test -f \"$R/boot/xen\" || fail 'xen-kernel installed no /boot/xen'",
+        "cd / && if [ -n \"$mounted\" ]; then umount \"$cidata\"; fi",
         check.format(line=shlex.quote('xen_kernel="/boot/xen"'), file="/boot/loader.conf", what="xen_kernel"),
+        check.format(line="-- -h", file="/boot.config", what="-h"),
         check.format(line="vm.max_wired=-1", file="/etc/sysctl.conf", what="vm.max_wired"),
         check.format(line=shlex.quote(TTYS_XC0), file="/etc/ttys", what="the xc0 line"),
-        check.format(line="'PermitRootLogin prohibit-password'", file="/etc/ssh/sshd_config",
-                     what="PermitRootLogin"),
-        "test -x /etc/rc.d/lab_ready || fail 'no /etc/rc.d/lab_ready'",
+        "test -x \"$R/etc/rc.d/lab_ready\" || fail 'no /etc/rc.d/lab_ready'",
+        # the effective value, as sshd itself reads the file (host keys are in place)
+        "sshd -T -f \"$R/etc/ssh/sshd_config\" 2>/dev/null | grep -qx 'passwordauthentication no' "
+        "|| fail 'sshd_config: PasswordAuthentication is not no'",
         # memorylocked: the toolstack locks hypercall buffers (Handbook, Xen chapter)
-        "sed -i '' -E 's/:memorylocked=[^:]*:/:memorylocked=unlimited:/' /etc/login.conf",
-        "grep -q ':memorylocked=unlimited:' /etc/login.conf || fail 'login.conf memorylocked'",
-        "cap_mkdb /etc/login.conf || fail 'cap_mkdb'",
-        # write_files does not create directories: /root/.ssh is made here
-        "install -d -m 700 /root/.ssh && install -m 600 /etc/ssh/lab_root_keys /root/.ssh/authorized_keys"
-        " && rm /etc/ssh/lab_root_keys || fail 'root authorized_keys'",
+        "awk '{ gsub(/:memorylocked=[^:]*:/, \":memorylocked=unlimited:\"); print }' \"$R/etc/login.conf\" "
+        "> \"$R/etc/login.conf.lab\" && cat \"$R/etc/login.conf.lab\" > \"$R/etc/login.conf\" "
+        "&& rm -f \"$R/etc/login.conf.lab\" || fail 'login.conf'",
+        "grep -q ':memorylocked=unlimited:' \"$R/etc/login.conf\" || fail 'login.conf memorylocked'",
+        "cap_mkdb \"$R/etc/login.conf\" || fail 'cap_mkdb'",
         # the lab's commands arrive as `sh -c` strings over SSH, through root's login
         # shell: make it sh on every release (13.x gave root csh, which has other quoting)
         "pw usermod root -s /bin/sh || fail 'root shell'",
-        "sysrc xencommons_enable=yes sshd_enable=yes lab_ready_enable=yes || fail sysrc",
+        f"sysrc {rc} hostname=lab-dom0 xencommons_enable=yes sshd_enable=yes lab_ready_enable=yes || fail sysrc",
         # guests' bridge (dom0 only, as on the Linux dom0) and QEMU's user network, static
         # renamed xenbr0: the xl template's vif names that bridge on both dom0 OSes
-        "sysrc cloned_interfaces=bridge0 ifconfig_bridge0_name=xenbr0 ifconfig_xenbr0='inet 10.99.0.1/24 up' "
+        f"sysrc {rc} cloned_interfaces=bridge0 ifconfig_bridge0_name=xenbr0 ifconfig_xenbr0='inet 10.99.0.1/24 up' "
         "ifconfig_vtnet0='inet 10.0.2.15/24' defaultrouter=10.0.2.2 || fail sysrc",
+        # no later boot may run this again: it would find no config disk and power the dom0 off
+        "disarm || fail 'disarming the first-boot services'",
+        *(f"test ! -e \"$R{p}\" || fail 'still there: {p}'" for p in (*FIRSTBOOT, *NUAGEINIT_CACHE)),
+        *(f"[ \"$(sysrc {rc} -n {k})\" = NO ] || fail '{k} is not NO'" for k in FIRSTBOOT_SERVICES),
         "echo 'lab-provision: done'",
     ]
 
 
 def render_user_data(*, authorized_key: str, host_key_private: str, host_key_public: str,
                      packages_dir: str, loader_conf: str) -> str:
-    """nuageinit's user-data for the provisioning boot (no Xen yet).
+    """nuageinit's user-data for the provisioning boot (no Xen yet): one plain
+    `#!/bin/sh` script that writes every file itself, then provision_script.
 
-    Rendered as JSON under the #cloud-config line: JSON is valid YAML, so nuageinit
-    reads it, and no value (keys, multi-line files) can break the YAML quoting.
-    write_files only writes into directories the image already has; /root/.ssh
-    is made by the script. `users: []` keeps nuageinit from creating its default
-    user (`freebsd`, password `freebsd`): root with the lab's key is the only login."""
+    A script, not #cloud-config: nuageinit's `write_files` arrived in 14.4, so
+    14.3 would skip every file, while a user-data starting with `#!` is run by
+    every nuageinit (libexec/nuageinit/nuageinit keeps it as
+    /var/cache/nuageinit/user_data, mode 0755; rc.d/nuageinit_user_data_script
+    runs it at the end of the first boot). The `#!` path also creates no default
+    user (nuageinit's `freebsd`, password `freebsd`): root with the lab's key is
+    the only login, and the host key is the lab's."""
     for what, value in (("authorized_key", authorized_key), ("host_key_public", host_key_public)):
         if not re.fullmatch(r"ssh-[a-z0-9-]+ [A-Za-z0-9+/=]+( [^\n]*)?", value.strip()):
             raise LabError("image", f"{what} is not an OpenSSH public key line")
     if "PRIVATE KEY-----" not in host_key_private:
         raise LabError("image", "host_key_private is not an OpenSSH private key")
-    # nuageinit names the files after the key: ed25519_private -> /etc/ssh/ssh_host_ed25519_key
     algo = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}.get(host_key_public.split()[0])
     if algo is None:
-        raise LabError("image", "host_key_public: only ssh-ed25519 or ssh-rsa host keys (nuageinit's key names)")
-    files = [
-        {"path": "/boot/loader.conf", "content": loader_conf, "append": True},
-        {"path": "/etc/sysctl.conf", "content": "vm.max_wired=-1\n", "append": True},
-        {"path": "/etc/ttys", "content": TTYS_XC0 + "\n", "append": True},
-        # sshd takes the first value it reads; FreeBSD's sshd_config has these commented out
-        {"path": "/etc/ssh/sshd_config", "content": SSHD_LINES, "append": True},
-        {"path": "/etc/ssh/lab_root_keys", "content": authorized_key.strip() + "\n", "permissions": "0600"},
-        {"path": "/etc/rc.d/lab_ready", "content": RC_READY, "permissions": "0755"},
+        raise LabError("image", "host_key_public: only ssh-ed25519 or ssh-rsa host keys")
+    _safe_rel(packages_dir, "packages directory")
+    lines = [
+        "#!/bin/sh",
+        "# xen-blklab: provisioning of the FreeBSD dom0 image, run once by nuageinit",
+        "set -u",
+        "R=${LAB_ROOT:-}",  # "" on FreeBSD; see provision_script
+        "said=",
+        "fail() { said=1; echo \"lab-provision: FATAL: $*\"; exit 1; }",
+        *disarm_lines(),
+        "trap 'rc=$?; [ $rc -eq 0 ] || [ -n \"$said\" ] || echo \"lab-provision: FATAL: exit $rc\"; "
+        "disarm; poweroff' EXIT",
+        "echo 'lab-provision: start'",
+        *_heredoc("cat >> \"$R/boot/loader.conf\"", loader_conf, "loader.conf"),
+        # boot2 reads /boot.config: -h puts boot2 and the loader on the serial console
+        # from their first line (the loader milestone, see vm.FREEBSD_LOADER)
+        "printf '%s\\n' -h > \"$R/boot.config\" || fail '/boot.config'",
+        "echo 'vm.max_wired=-1' >> \"$R/etc/sysctl.conf\" || fail 'sysctl.conf'",
+        f"echo {shlex.quote(TTYS_XC0)} >> \"$R/etc/ttys\" || fail 'ttys'",
+        *_heredoc(f"cat > \"$R/etc/ssh/ssh_host_{algo}_key\"", host_key_private.strip() + "\n", "host key"),
+        f"chmod 600 \"$R/etc/ssh/ssh_host_{algo}_key\" || fail 'host key'",
+        f"echo {shlex.quote(host_key_public.strip())} > \"$R/etc/ssh/ssh_host_{algo}_key.pub\" || fail 'host key'",
+        *sshd_config_edit(),
+        "install -d -m 700 \"$R/root/.ssh\" || fail 'root .ssh'",
+        f"echo {shlex.quote(authorized_key.strip())} > \"$R/root/.ssh/authorized_keys\" "
+        "&& chmod 600 \"$R/root/.ssh/authorized_keys\" || fail 'root authorized_keys'",
+        *_heredoc("cat > \"$R/etc/rc.d/lab_ready\"", RC_READY, "lab_ready"),
+        "chmod 755 \"$R/etc/rc.d/lab_ready\" || fail 'lab_ready'",
+        *provision_script(packages_dir=packages_dir),
     ]
-    doc = {
-        "hostname": "lab-dom0",
-        "users": [],
-        "ssh_keys": {f"{algo}_private": host_key_private.strip(), f"{algo}_public": host_key_public.strip()},
-        "write_files": files,
-        "runcmd": provision_script(packages_dir=packages_dir),
-    }
-    return "#cloud-config\n" + json.dumps(doc, indent=2) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def render_meta_data(*, instance_id: str, hostname: str = "lab-dom0") -> str:
@@ -180,9 +252,15 @@ def cidata_argv(staging: Path, iso: Path) -> list[str]:
     return ["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(staging)]
 
 
+def build_user_data(script: Sequence[str]) -> str:
+    """The kernel-build VM's user-data: build_script as a plain #!/bin/sh script,
+    which every nuageinit runs (see render_user_data; no default user either)."""
+    return "#!/bin/sh\n" + "\n".join(script) + "\n"
+
+
 def build_script(*, patches: Sequence[str], kernconf: str = "GENERIC", ident: str,
                  src_root: str = "/usr/src") -> list[str]:
-    """The kernel-build VM's runcmd: unpack the source tree from the raw disk with
+    """The kernel-build VM's script: unpack the source tree from the raw disk with
     serial lab-src (a plain tar stream), apply the patches from the config disk,
     build, and install into the dom0 image (disk serial lab-dom0), then power off.
     `ident` (the tree hash) is written beside the kernel so the dom0 can prove
@@ -210,11 +288,13 @@ def build_script(*, patches: Sequence[str], kernconf: str = "GENERIC", ident: st
         f"src=$(disk {SRC_SERIAL}) || fail 'no source disk'",
         f"target=$(disk {TARGET_SERIAL}) || fail 'no dom0 disk'",
         f"mkdir -p /usr/src && tar -xf \"$src\" -C {src_root} || fail 'unpacking the source tree'",
-        f"mkdir -p {CIDATA_MOUNT} && mount -t cd9660 /dev/iso9660/cidata {CIDATA_MOUNT} || fail 'config disk'",
+        # nuageinit's rc script may still hold the config disk (see provision_script)
+        f"if [ -f {NUAGEINIT_MOUNT}/user-data ]; then cidata={NUAGEINIT_MOUNT}; else cidata={CIDATA_MOUNT}; "
+        "mkdir -p \"$cidata\" && mount -t cd9660 /dev/iso9660/cidata \"$cidata\" || fail 'config disk'; fi",
     ]
     for i, p in enumerate(patches):
         name = f"{i:04d}-{Path(p).name}"
-        lines.append(f"patch -p1 -s -d /usr/src -i {CIDATA_MOUNT}/patches/{shlex.quote(name)} "
+        lines.append(f"patch -p1 -s -d /usr/src -i \"$cidata\"/patches/{shlex.quote(name)} "
                      f"|| fail {shlex.quote('patch ' + Path(p).name + ' does not apply')}")
     lines += [
         "cd /usr/src",

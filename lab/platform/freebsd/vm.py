@@ -19,8 +19,23 @@ from lab.timing import Deadline
 
 # -------------------------------------------------------- console milestones
 # FreeBSD's side of the boot, next to console.XEN_BANNER and console.DOM0_INIT.
-# Patterns are from FreeBSD's loader and kernel messages: unverified on this lab.
-FREEBSD_LOADER = console.Milestone("boot:loader", "FreeBSD's loader", re.compile(rb"Consoles: |FreeBSD/x86 "))
+# Patterns are from FreeBSD's loader and kernel sources (desk-checked, never seen on
+# this lab's console; tests/data/freebsd/console-*.txt reconstructs what they print).
+#
+# The loader picks its console from boot2's flags before it reads loader.conf
+# (stand/i386/loader/main.c sets `console` from kargs->howto; stand/common/console.c
+# cons_probe prints "Consoles: ..." on that console only). With no /boot.config and
+# QEMU's -nodefaults (no VGA) its banner never reaches the serial port. What does:
+# everything after loader.conf sets `console` (the release image's own loader.conf
+# says console="comconsole,vidconsole", release/tools/basic-cloudinit.conf; the
+# dom0's adds console="comconsole"; cons_set switches at once), i.e. the lua
+# loader's "Loading Xen kernel..." / "Loading kernel..." (stand/lua/config.lua,
+# config.loadelf) and load_elf.c's "<path> text=0x..." line for each file loaded.
+# The provisioning writes /boot.config with -h, so the dom0's later boots speak on
+# serial from boot2 on and the banner lines match too.
+FREEBSD_LOADER = console.Milestone(
+    "boot:loader", "FreeBSD's loader",
+    re.compile(rb"Consoles: |FreeBSD/x86 bootstrap loader|Loading (?:Xen )?kernel\.\.\.|/boot/[\w./-]+ text=0x[0-9a-f]+ "))
 FREEBSD_KERNEL = console.Milestone("boot:dom0", "the FreeBSD kernel's banner",
                                    re.compile(rb"FreeBSD \d+\.\d+-[A-Z0-9]+(?:-p\d+)? "))
 XEN_PVH_DOM0 = console.Milestone("boot:xen", "Xen building the PVH dom0", re.compile(rb"Building a PVH Dom0"))
