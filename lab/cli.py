@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--repeat", type=int, default=1, metavar="N", help="run the scenario N times")
     r.add_argument("--until-fail", action="store_true", help="repeat until a verdict other than PASS "
                    "(at most --repeat times if given, else without end)")
+    r.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML file: one testcase per run")
 
     st = sub.add_parser("states", help="list or delete saved L1 states (warm start)")
     stsub = st.add_subparsers(dest="states_cmd", required=True, parser_class=_Parser)
@@ -79,8 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=2, help="confirm with N runs at the culprit and its parent")
     b.add_argument("--accel", choices=["auto", "kvm", "tcg"])
     b.add_argument("--results", type=Path, default=Path("results"))
+    b.add_argument("--plan", action="store_true",
+                   help="print the bisection's per-step work (build, boot, decide), run nothing")
+    b.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML file: one testcase per step")
 
     sub.add_parser("list", help="list the preset scenarios")
+
+    rp = sub.add_parser("report", help="(re)render report.html of a results directory, a bisect, or two runs")
+    rp.add_argument("dirs", type=Path, nargs="*", metavar="DIR", help="results directories (default results/latest)")
+    rp.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="two runs side by side on one page")
+    rp.add_argument("-o", "--output", type=Path, metavar="FILE", help="where --compare writes its page")
+
+    rs = sub.add_parser("results", help="list past runs: when, scenario, verdict, IOPS, wall time, accelerator")
+    rs.add_argument("root", type=Path, nargs="?", default=Path("results"), metavar="DIR")
 
     s = sub.add_parser("ssh", help="open a shell in a kept lab: dom0 or a guest")
     s.add_argument("machine")
@@ -105,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     # paramiko logs each refused channel while a guest boots; those are expected retries
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     try:
-        return {"run": cmd_run, "images": cmd_images, "states": cmd_states, "bisect": cmd_bisect, "list": cmd_list, "ssh": cmd_ssh, "down": cmd_down}[
+        return {"run": cmd_run, "images": cmd_images, "states": cmd_states, "bisect": cmd_bisect, "list": cmd_list, "ssh": cmd_ssh, "down": cmd_down,
+                "report": cmd_report, "results": cmd_results}[
             args.cmd](args)
     except (ScenarioError, LabError) as e:
         print(f"lab: ERROR: {e}", file=sys.stderr)
@@ -159,6 +172,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             break
     if len(records) > 1:
         _print_repeat_summary(records)
+    if args.junit:
+        from lab import junit
+
+        print(f"junit: {junit.write(args.junit, [junit.case_from_record(r) for r in records])}")
     worst = max(records, key=lambda r: (r["verdict"] != "PASS", r["exit_code"]))
     if args.bisect_exit:
         return int(worst["bisect_code"])
@@ -208,6 +225,11 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
     if args.runs < 1:
         raise ScenarioError(f"--runs: expected at least 1, got {args.runs}")
+    if args.plan:
+        steps = bisect.plan(args.scenario, args.repo, args.good, args.bad, runs=args.runs, accel=args.accel)
+        for line in bisect.plan_lines(steps, title=f"bisect {args.scenario} over {args.repo} ({args.good}..{args.bad})"):
+            print(line)
+        return 0
     try:
         res = bisect.bisect(args.scenario, args.repo, args.good, args.bad, runs=args.runs,
                             results_root=args.results, accel=args.accel)
@@ -216,7 +238,47 @@ def cmd_bisect(args: argparse.Namespace) -> int:
         return 130
     for line in bisect.summary_lines(res):
         print(line)
+    if args.junit:
+        from lab import junit
+
+        cases = [junit.case_from_step(s, scenario=res.get("scenario", "")) for s in res.get("steps", [])]
+        print(f"junit: {junit.write(args.junit, cases)}")
     return 0 if res.get("first_bad") else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Render report.html again from the files a run left (any results directory,
+    old ones too), a bisect's page (a directory with bisect.json), or, with
+    --compare, two runs side by side."""
+    from lab import html
+
+    if args.compare:
+        a, b = args.compare
+        for d in (a, b):
+            if not (d / "record.json").is_file():
+                raise LabError("report", f"{d}: no record.json (not a results directory of `lab run`)")
+        print(html.write_compare(a, b, args.output))
+        return 0
+    for d in args.dirs or [Path("results/latest")]:
+        if not (d / "record.json").is_file() and not (d / "bisect.json").is_file():
+            raise LabError("report", f"{d}: neither record.json nor bisect.json (not a results directory)")
+        print(html.write_report(d))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Past runs under a results root, oldest first."""
+    from lab import html
+
+    if not args.root.is_dir():
+        raise LabError("results", f"{args.root}: no such directory")
+    rows = html.find_runs(args.root)
+    if not rows:
+        print(f"no runs under {args.root}")
+        return 0
+    for line in html.runs_table(rows):
+        print(line)
+    return 0
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -250,8 +312,13 @@ def cmd_states(args: argparse.Namespace) -> int:
             print(f"{st['key']}  {st['bytes'] / 2**20:7.0f} MiB  saved {when}  {st['dir']}")
         return 0
     keys = [st["key"] for st in states] if args.all else args.keys
-    if not keys:
+    if not keys and not args.all:
         raise LabError("states", "name the keys to delete, or --all")
+    # every key is checked before any is deleted: `rm KEY ../x` deletes nothing
+    bad = [k for k in keys if not l1state.is_state_key(k)]
+    if bad:
+        raise LabError("states", f"not state keys: {', '.join(repr(k) for k in bad)} (a key is 20 hex digits, "
+                       "as `lab states list` shows; never a path): nothing deleted")
     for k in keys:
         print(f"{k}: {'deleted' if l1state.remove(k) else 'no such state'}")
     return 0
@@ -264,13 +331,90 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kept(lab: Path) -> dict:
+def _lab_json(lab: Path, stage: str) -> tuple[dict, Path, list[str]]:
+    """A kept lab's lab.json, checked before anything acts on it: `lab down` kills
+    the process and deletes the directories it names, so each must be what the lab
+    wrote: a QEMU pid, a `run-*` work directory inside the lab's runs directory,
+    `lab-qmp-*` socket directories under /tmp (lab/boot.py qmp_path). Returns the
+    data, the work directory (resolved) and the spellings of it QEMU's command
+    line may use (as written, and resolved)."""
+    from lab import pipeline
+
     f = lab / "lab.json"
-    if not f.exists():
-        raise LabError("ssh", f"{lab} is not a kept lab (no lab.json; run with --keep)")
-    info = json.loads(f.read_text())
-    if not Path(f"/proc/{info['qemu_pid']}").exists():
-        raise LabError("ssh", f"the lab in {lab} is no longer running (QEMU pid {info['qemu_pid']} is gone)")
+    if not f.is_file():
+        raise LabError(stage, f"{lab} is not a kept lab (no lab.json; run with --keep)")
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LabError(stage, f"{f} is not a lab.json the lab wrote ({e}); nothing done") from None
+
+    def bad(key: str, why: str) -> LabError:
+        return LabError(stage, f"{f}: '{key}' {why}; nothing was killed or deleted")
+
+    if not isinstance(info, dict):
+        raise bad("", "the file holds no JSON object")
+    pid = info.get("qemu_pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+        raise bad("qemu_pid", f"is {pid!r}, not a process id")
+    work = info.get("work")
+    runs = pipeline.runs_dir().resolve()
+    if not isinstance(work, str) or not work:
+        raise bad("work", f"is {work!r}, not a path")
+    real = Path(work).resolve()  # a relative LAB_CACHE gives a relative work dir: same cwd, same place
+    if real.parent != runs or not real.name.startswith("run-"):
+        raise bad("work", f"is {work!r}, not a run directory inside the lab's runs directory {runs} "
+                  "(set LAB_CACHE as for the run that kept it)")
+    dirs = info.get("socket_dirs", [])
+    tmp = Path("/tmp").resolve()
+    for d in dirs if isinstance(dirs, list) else [dirs]:
+        rd = Path(d).resolve() if isinstance(d, str) and d.startswith("/") else None
+        if rd is None or rd.parent != tmp or not rd.name.startswith("lab-qmp-"):
+            raise bad("socket_dirs", f"holds {d!r}, not a lab-qmp-* directory under /tmp")
+    return info, real, sorted({work, str(real)})
+
+
+def _lab_qemu_problem(pid: int, works: list[str]) -> str | None:
+    """Why process `pid` is not the QEMU of the lab whose work directory is one of
+    `works`, or None if it is. A pid alone proves nothing (pids are reused): the
+    process must be qemu-system-x86_64 with that work directory's files on its
+    command line."""
+    from lab import qemu
+
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"process {pid} is gone"
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    shown = shlex.join(argv)
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    if not argv or Path(argv[0]).name != qemu.QEMU:
+        return f"process {pid} is not {qemu.QEMU} (its command line: {shown!r})"
+    if not any(a.startswith(f"{w}/") or f"={w}/" in a or f":{w}/" in a for a in argv for w in works):
+        return f"process {pid} is a QEMU that uses no file of {works[0]} (another lab's, or not a lab's)"
+    return None
+
+
+def _kept(lab: Path) -> dict:
+    import ipaddress
+
+    info, _, works = _lab_json(lab, "ssh")
+    keys = info.get("keys")
+    own = (images.cache_dir() / "keys").resolve()
+    if not isinstance(keys, str) or Path(keys).resolve() != own:
+        raise LabError("ssh", f"{lab / 'lab.json'}: 'keys' is {keys!r}, not the lab's key directory {own}")
+    port = info.get("ssh_port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise LabError("ssh", f"{lab / 'lab.json'}: 'ssh_port' is {port!r}, not a TCP port")
+    guests = info.get("guests", {})
+    try:
+        ok = isinstance(guests, dict) and all(isinstance(n, str) and ipaddress.IPv4Address(ip) for n, ip in guests.items())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise LabError("ssh", f"{lab / 'lab.json'}: 'guests' is {guests!r}, not names with IPv4 addresses")
+    problem = _lab_qemu_problem(info["qemu_pid"], works)
+    if problem:
+        raise LabError("ssh", f"the lab in {lab} is no longer running (QEMU pid {info['qemu_pid']}: {problem})")
     return info
 
 
@@ -323,19 +467,31 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from lab.runner import kill_group
-
+    """Kill a kept lab's QEMU and delete its work directory: only after lab.json
+    proved to name a run directory of this lab and, if the pid is alive, this lab's
+    QEMU. The kill goes through a pidfd, so the process checked is the one killed."""
     lab = args.lab.resolve()
-    f = lab / "lab.json"
-    if not f.exists():
-        raise LabError("down", f"{lab} is not a kept lab (no lab.json)")
-    info = json.loads(f.read_text())
-    pid = int(info["qemu_pid"])
-    if Path(f"/proc/{pid}").exists():
-        kill_group(pid)  # QEMU was started in its own process group by the lab
-    for d in [info["work"], *info.get("socket_dirs", [])]:
+    info, work, works = _lab_json(lab, "down")
+    pid = info["qemu_pid"]
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd = None  # QEMU is gone already: only its files are left
+    try:
+        # readable pidfd = the process has exited (a zombie's cmdline is empty)
+        if pidfd is not None and not select.select([pidfd], [], [], 0)[0]:
+            problem = _lab_qemu_problem(pid, works)
+            if problem:
+                raise LabError("down", f"{problem}: not this lab's QEMU; nothing was killed or deleted")
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            if not select.select([pidfd], [], [], 10)[0]:
+                raise LabError("down", f"QEMU pid {pid} did not exit within 10 s of SIGKILL; nothing deleted")
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    for d in [work, *info.get("socket_dirs", [])]:
         shutil.rmtree(d, ignore_errors=True)
-    f.rename(lab / "lab.json.down")
+    (lab / "lab.json").rename(lab / "lab.json.down")
     print(f"lab in {lab} torn down (QEMU pid {pid})")
     return 0
 

@@ -124,30 +124,53 @@ class Keys:
 
 
 def ensure_keys(base: Path | None = None) -> Keys:
-    """Per-lab keys: the client key and one host key per machine kind."""
+    """Per-lab keys: the client key and one host key per machine kind.
+
+    A missing pair is made under a lock (concurrent first runs would otherwise
+    each write a pair and leave one run's private key beside another's public
+    key, and both get baked into images), each file written aside under a unique
+    name and renamed into place: the public key first, so a private key that
+    exists always has its own public key beside it. The private key is created
+    0600 (O_CREAT|O_EXCL with that mode): it is never readable by others, not
+    even between its creation and a chmod."""
+    keys = Keys((base or cache_dir()) / "keys")
+    wanted = (keys.client, keys.host("dom0"), keys.host("guest"))
+    if all(p.exists() for p in wanted):
+        return keys
+    keys.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with lab_cache.locked(keys.dir):
+        lab_cache.sweep(keys.dir)  # halves of pairs left by a process killed mid-write
+        for path in wanted:
+            if not path.exists():  # or made by the process we waited for
+                _new_key_pair(path)
+    return keys
+
+
+def _new_key_pair(path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    keys = Keys((base or cache_dir()) / "keys")
-    keys.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for path in (keys.client, keys.host("dom0"), keys.host("guest")):
-        if path.exists():
-            continue
-        k = ed25519.Ed25519PrivateKey.generate()
-        priv = k.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        pub = k.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(priv)
-        tmp.chmod(0o600)
-        Path(str(path) + ".pub").write_bytes(pub + b" xen-blklab\n")
-        tmp.rename(path)
-    return keys
+    k = ed25519.Ed25519PrivateKey.generate()
+    priv = k.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    tmp = lab_cache.aside(path)
+    tmp_pub = Path(str(tmp) + ".pub")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(priv)
+        fd = os.open(tmp_pub, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pub + b" xen-blklab\n")
+        os.replace(tmp_pub, str(path) + ".pub")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_pub.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- recipes
@@ -268,6 +291,7 @@ def ensure_image(name: str, *, cache: Path | None = None, runner: LocalRunner | 
                       verify=lambda work: verify_image(recipe, work))
     if not (final / "manifest.json").exists():
         raise LabError("image", f"{final} is not a complete image (no manifest.json); remove it to rebuild")
+    restrict_modes(final)
     return Image(name, final)
 
 
@@ -342,8 +366,25 @@ def _build(recipe: Recipe, work: Path, mirror: list[AptSource], keys: Keys, run:
         manifest["initrd"] = _root_initrd(recipe, rootfs, work, run)
     shutil.rmtree(rootfs)
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for f in work.iterdir():
-        f.chmod(0o444)  # base images are never written by a run
+    restrict_modes(work)
+
+
+# The files of an image that hold the lab's private SSH host key: the root disk,
+# and the initrd of an image whose root lives in RAM (the guest's: its whole root).
+# A disk-root image's initrd holds only modules and init, but one rule per name is
+# simpler to check. Whoever reads the key can impersonate the lab's machines: root
+# only. QEMU runs as root (no libvirt, no qemu user yet); nothing else reads them.
+KEY_HOLDERS = ("root.img", "initrd.img")
+
+
+def restrict_modes(image_dir: Path) -> None:
+    """Base images are never written by a run: read-only; those that hold the host
+    key readable by root only. Also applied to images built before this rule."""
+    for f in image_dir.iterdir():
+        if f.is_file() and not f.is_symlink():
+            want = 0o400 if f.name in KEY_HOLDERS else 0o444
+            if f.stat().st_mode & 0o777 != want:
+                f.chmod(want)
 
 
 # What a throwaway VM whose root lives in RAM never needs: every byte here costs

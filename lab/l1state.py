@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -184,8 +185,9 @@ def save(vm: qemu.Vm, state: State, slots: list[Slot], work: Path, *, inputs: di
     finally:
         vm.qmp("cont")
     for s in slots:
-        state.disk(s).chmod(0o444)
-    state.file.chmod(0o444)
+        state.disk(s).chmod(0o400)
+    # root only: the RAM image holds dom0's memory, its SSH host key included
+    state.file.chmod(0o400)
     (state.dir / "meta.json").write_text(json.dumps({
         "key": state.key, "created": time.time(), "inputs": inputs,
         "slots": [dataclasses.asdict(s) | {"base": str(s.base) if s.base else None} for s in slots],
@@ -236,9 +238,22 @@ def list_states() -> list[dict]:
     return out
 
 
+def is_state_key(key: str) -> bool:
+    """What `state_key` makes: 20 lower-case hex digits. Never a path (`../x`,
+    `/abs`, `.`, ``): a key names one directory inside the state store."""
+    return re.fullmatch(r"[0-9a-f]{20}", key) is not None
+
+
 def remove(key: str) -> bool:
+    """Delete the saved state `key`; False if there is none. Refuses anything that
+    is not a state key, and a state directory that is a symlink out of the store."""
+    if not is_state_key(key):
+        raise LabError("states", f"{key!r} is not a state key (20 hex digits, as `lab states list` shows): "
+                       "nothing deleted")
     d = states_dir() / key
-    if d.exists():
+    if d.is_symlink():
+        raise LabError("states", f"{d} is a symlink, not a state the lab saved: nothing deleted")
+    if d.is_dir():
         shutil.rmtree(d)
         return True
     return False

@@ -9,6 +9,7 @@ seconds; sizes are "512M", "4G" or a number of bytes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
@@ -36,27 +37,45 @@ class Size(int):
 
 _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT])i?B?\s*$", re.I)
+# Upper bounds: a longer duration or a bigger size is a typo, and TOML's bare `inf`
+# (or "1" and 400 zeros) would silently disable the deadline or window it sets.
+MAX_DURATION = 7 * 24 * 3600.0
+MAX_SIZE = 1 << 50  # 1 PiB
 
 
 def parse_duration(value: object) -> Duration:
+    expected = 'a duration like "30s", "5m" or a number of seconds'
     if isinstance(value, bool):
-        raise ValueError("a duration like \"30s\", \"5m\" or a number of seconds")
+        raise ValueError(expected)
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration >= 0")
-        return Duration(value)
-    if isinstance(value, str) and (m := _DUR.match(value)):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond a float's range
+            seconds = math.inf
+    elif isinstance(value, str) and (m := _DUR.match(value)):
         scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
-        return Duration(float(m.group(1)) * scale)
-    raise ValueError("a duration like \"30s\", \"5m\" or a number of seconds")
+        seconds = float(m.group(1)) * scale
+    else:
+        raise ValueError(expected)
+    # nan passes every comparison below as False: test it first
+    if not math.isfinite(seconds):
+        raise ValueError(f"a finite duration (at most {MAX_DURATION:.0f}s), not inf or nan")
+    if seconds < 0:
+        raise ValueError("a duration >= 0")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"a duration of at most 7 days ({MAX_DURATION:.0f}s)")
+    return Duration(seconds)
 
 
 def parse_size(value: object) -> Size:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return Size(value)
-    if isinstance(value, str) and (m := _SIZE.match(value)):
-        return Size(int(m.group(1)) * 1024 ** ("KMGT".index(m.group(2).upper()) + 1))
-    raise ValueError("a size like \"512M\" or \"4G\"")
+    size = 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * 1024 ** ("KMGT".index(m.group(2).upper()) + 1)
+    if not 0 < size <= MAX_SIZE:
+        raise ValueError('a size like "512M" or "4G", more than 0 and at most 1024T')
+    return Size(size)
 
 
 # ---------------------------------------------------------------- the schema
@@ -160,7 +179,8 @@ class BackendCfg:
     patches: tuple[str, ...] = ()  # patch files applied on top, in order
 
 
-FAULT_KINDS = ("stall", "delay", "error", "pause-l1")
+FAULT_KINDS = ("stall", "delay", "error", "pause-l1", "detach-attach", "destroy")
+LIFECYCLE_KINDS = ("detach-attach", "destroy")  # operations of the toolstack, not of the backing device
 
 
 @dataclass(frozen=True)
@@ -170,14 +190,19 @@ class FaultCfg:
     stall: the disk's dm device in dom0 is suspended (I/O stops completing);
     delay: every I/O to it takes `delay` longer (dm-delay), but completes;
     error: every I/O to it fails (dm error target);
-    pause-l1: the whole Xen VM is frozen from L0 (QEMU monitor `stop`)."""
+    pause-l1: the whole Xen VM is frozen from L0 (QEMU monitor `stop`);
+    detach-attach: the test disk is detached (xl block-detach) and attached again,
+      `count` times (connect/disconnect churn; the disk must carry no workload:
+      blkfront keeps an open disk);
+    destroy: the guest is destroyed (xl destroy), whatever it has in flight."""
 
-    kind: Literal["stall", "delay", "error", "pause-l1"] = "stall"
+    kind: Literal["stall", "delay", "error", "pause-l1", "detach-attach", "destroy"] = "stall"
     guest: str = ""  # target guest and disk (not used by pause-l1)
     disk: str = "xvdb"
     at: Duration = Duration(0)
     duration: Duration = Duration(0)  # 0 = until the end of the run
     delay: Duration = Duration(0.1)  # extra latency per I/O, for kind = "delay"
+    count: int = 1  # cycles, for kind = "detach-attach"
 
 
 @dataclass(frozen=True)
@@ -238,9 +263,9 @@ def _describe(tp: Any) -> str:
 
 def _convert(tp: Any, value: Any, path: str, where: str) -> Any:
     def bad(expected: str | None = None) -> ScenarioError:
-        return ScenarioError(
-            f"{where}: key '{path}': expected {expected or _describe(tp)}, got {value!r}"
-        )
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown)} characters)"
+        return ScenarioError(f"{where}: key '{path}': expected {expected or _describe(tp)}, got {shown}")
 
     origin = typing.get_origin(tp)
     if tp is Duration or tp is Size:
@@ -312,18 +337,147 @@ def _close_match(key: str, names: typing.Iterable[str]) -> str | None:
     return m[0] if m else None
 
 
+# ------------------------------------------------- what a value may hold
+# Scenario values reach QEMU's argv, xl's config file, fio's job file, loader.conf
+# and shell scripts in dom0 and the guests. Each text value is checked here against
+# what it may contain (an allow-list of characters, never a list of bad ones), so a
+# value that could end a quoted string or a line, or start a command, is refused
+# before anything starts. Templates and job writers check again (lab/xen.py,
+# lab/workload.py): a value built in code does not pass through here.
+
+# Kernel and Xen command lines go into `xl` config strings (extra = "..."),
+# QEMU's -append and multiboot module strings, FreeBSD's loader.conf
+# (xen_cmdline="...") and are word-split unquoted by the guests' init: no quote,
+# backslash, `$`, backtick, glob, separator or control character.
+CMDLINE_CHARS = "letters, digits, space and _ - . , : = + / @ % ~ ^ !"
+_CMDLINE = re.compile(r"[A-Za-z0-9 _.,:=+/@%~^!-]*")
+CMDLINE_MAX = 900  # the lab appends its own words; Xen keeps 1024 bytes, Linux 2048
+_CPU_MODEL = re.compile(r"[A-Za-z0-9_.,+=-]*")  # QEMU's -cpu MODEL,+feat,-feat
+_KERNCONF = re.compile(r"[A-Za-z0-9_-]+")
+_VERSION = re.compile(r"(\d+\.\d+)?")
+# paths the user names on L0: any character but control characters (a newline
+# would end a line of a generated script or a QEMU option)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# fio: `bssplit` is SIZE/PERCENT pairs joined by ':' (',' between the read, write
+# and trim splits); `size` is a size or a percentage of the disk
+_FIO_BS = r"\d+[kmgKMG]?/\d{0,3}"
+_FIO_SPLIT = rf"{_FIO_BS}(?::{_FIO_BS})*"
+_BSSPLIT = re.compile(rf"{_FIO_SPLIT}(?:,{_FIO_SPLIT}){{0,2}}")
+_FIO_SIZE = re.compile(r"\d+(?:[kmgtKMGT]i?[bB]?)?|\d{1,3}%")
+FIO_KEY = re.compile(r"[a-z][a-z0-9_]*")
+# fio expands ${VAR} and $ncpus and evaluates (...) in values; a value holds none of that
+FIO_VALUE_CHARS = "letters, digits and _ . , : / % + -"
+FIO_VALUE = re.compile(r"[A-Za-z0-9_.,:/%+-]+")
+
+# The fio options `extra` may set: an allow-list, not a deny-list. fio has some 300
+# options and gains more each release; among them are options that name files
+# (filename, directory, opendir, filename_format, nrfiles, write_*_log, *_log,
+# read_iolog, write_iolog, verify_state_load, verify_dump), run commands
+# (exec_prerun, exec_postrun, ioengine=external:/x.so, ioscheduler writes sysfs),
+# change the lab's timing (runtime, time_based, ramp_time, startdelay, loops,
+# number_ios, exitall) or the output the lab parses (group_reporting, output*,
+# unified_rw_reporting). A deny-list would let the next such option through
+# silently; this list refuses it until someone reads what it does. Each option
+# below only shapes the I/O fio sends to the one test disk the lab names.
+# `iodepth` and `numjobs` override the workload keys of the same name; the other
+# workload keys (rw, rwmixread, bssplit, ioengine, direct, size) are set there only.
+FIO_EXTRA_OPTIONS = frozenset({
+    # queueing
+    "iodepth", "numjobs", "iodepth_batch", "iodepth_batch_submit", "iodepth_batch_complete",
+    "iodepth_batch_complete_min", "iodepth_batch_complete_max", "iodepth_low", "io_submit_mode",
+    # block sizes and where on the disk
+    "bs", "blocksize", "bsrange", "blocksize_range", "ba", "blockalign", "bs_unaligned",
+    "blocksize_unaligned", "offset", "offset_increment", "offset_align", "io_size",
+    # access pattern
+    "rwmixwrite", "percentage_random", "random_distribution", "random_generator", "randseed",
+    "randrepeat", "norandommap", "softrandommap", "rw_sequencer", "zonesize", "zonerange", "zoneskip",
+    # flushes and trims (what the backend under test must carry)
+    "fsync", "fdatasync", "sync", "end_fsync", "fsync_on_close", "write_barrier",
+    "trim_percentage", "trim_backlog", "trim_backlog_batch", "trim_verify_zero",
+    # rate and think time
+    "rate", "rate_min", "rate_iops", "rate_iops_min", "rate_process", "rate_cycle",
+    "rate_ignore_thinktime", "thinktime", "thinktime_spin", "thinktime_blocks",
+    # data in the buffers
+    "zero_buffers", "refill_buffers", "scramble_buffers", "buffer_compress_percentage",
+    "buffer_compress_chunk", "buffer_pattern", "dedupe_percentage",
+    # verification in memory (verify_dump and verify_state_* write files: refused)
+    "verify", "do_verify", "verify_pattern", "verify_interval", "verify_offset", "verify_fatal",
+    "verify_backlog", "verify_backlog_batch", "verify_async",
+    # errors
+    "continue_on_error", "ignore_error", "error_dump",
+    # engine tuning (the engine itself is the workload's `ioengine`)
+    "hipri", "fixedbufs", "registerfiles", "sqthread_poll", "nonvectored", "userspace_reap",
+    "invalidate", "fadvise_hint", "serialize_overlap",
+})
+
+
+def fio_extra_problems(extra: dict[str, str]) -> list[str]:
+    """What is wrong with a workload's `extra` fio options ([] = nothing)."""
+    problems = []
+    refused = sorted(k for k in extra if k not in FIO_EXTRA_OPTIONS)
+    if refused:
+        problems.append(
+            f"fio options refused: {', '.join(repr(k) for k in refused)} (only options that shape the I/O "
+            "to the test disk are allowed: none that names a file, runs a command or changes the lab's "
+            "timing or output; see FIO_EXTRA_OPTIONS in lab/scenario.py)")
+    for k, v in extra.items():
+        if k in FIO_EXTRA_OPTIONS and not FIO_VALUE.fullmatch(v):
+            problems.append(f"fio option {k!r}: value {v!r} may hold only {FIO_VALUE_CHARS}")
+    return problems
+
+
+def _refused_chars(value: str, allowed: re.Pattern[str]) -> str:
+    bad = sorted({c for c in value if not allowed.fullmatch(c)})
+    return ", ".join(repr(c) for c in bad)
+
+
+def text_problem(value: str, kind: str) -> str | None:
+    """Why `value` cannot be a `kind` ("cmdline", "path", "cpu_model", "bssplit",
+    "fio_size"), or None. Shared with the writers that check again."""
+    if kind == "cmdline":
+        if len(value) > CMDLINE_MAX:
+            return f"a command line of at most {CMDLINE_MAX} characters, got {len(value)}"
+        if not _CMDLINE.fullmatch(value):
+            return (f"a command line of only {CMDLINE_CHARS} (it reaches xl's config, QEMU's "
+                    f"argv and the guests' init); refused: {_refused_chars(value, _CMDLINE)}")
+    elif kind == "path":
+        if len(value) > 4096:
+            return "a path of at most 4096 characters"
+        if _CONTROL.search(value):
+            return f"a path without control characters (newline, tab, ...), got {value!r}"
+    elif kind == "cpu_model":
+        if not _CPU_MODEL.fullmatch(value):
+            return f"a QEMU CPU model like \"qemu64,+svm\" (letters, digits, _ . , + = -), got {value!r}"
+    elif kind == "bssplit":
+        if not _BSSPLIT.fullmatch(value):
+            return f"fio bssplit like \"4k/50:64k/50\" (SIZE/PERCENT pairs joined by ':'), got {value!r}"
+    elif kind == "fio_size":
+        if value and not _FIO_SIZE.fullmatch(value):
+            return f"a fio size like \"100M\" or \"50%\", or \"\" for the whole disk, got {value!r}"
+    else:
+        raise ValueError(f"unknown kind {kind!r}")  # a bug in the caller, not user input
+    return None
+
+
 def _check(s: Scenario, where: str) -> None:
     def err(path: str, msg: str) -> ScenarioError:
         return ScenarioError(f"{where}: key '{path}': {msg}")
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", s.name):
         raise err("name", f"expected lower-case letters, digits, '.', '_' or '-', got {s.name!r}")
+    if len(s.name) > 64:
+        raise err("name", f"expected at most 64 characters, got {len(s.name)}")
     if s.name in RESERVED_NAMES:
         raise err("name", f"'{s.name}' is reserved")
+    _check_text(s, err)
     if s.lab.cpus < 1:
         raise err("lab.cpus", "expected at least 1")
     if s.dom0.memory >= s.lab.memory:
         raise err("dom0.memory", "expected less than lab.memory")
+    for key, mem in [("lab.memory", s.lab.memory), ("dom0.memory", s.dom0.memory),
+                     *((f"guests[{i}].memory", g.memory) for i, g in enumerate(s.guests))]:
+        if mem.mib < 1:  # QEMU's -m and xl's memory count whole MiB: less would be 0
+            raise err(key, f"expected at least 1M, got {mem} bytes")
     names = set()
     for i, g in enumerate(s.guests):
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,15}", g.name):
@@ -356,16 +510,31 @@ def _check(s: Scenario, where: str) -> None:
         for k in ("iodepth", "numjobs"):
             if getattr(w, k) < 1:
                 raise err(f"workloads[{i}].{k}", "expected at least 1")
-        if w.runtime <= 0:
-            raise err(f"workloads[{i}].runtime", "expected more than 0s")
+        if w.runtime < 1:
+            # fio's runtime is whole seconds: "500ms" would be runtime=0, no limit at all
+            raise err(f"workloads[{i}].runtime", f"expected at least 1s, got {w.runtime:g}s")
+        if problems := fio_extra_problems(w.extra):
+            raise err(f"workloads[{i}].extra", "; ".join(problems))
     for i, f in enumerate(s.faults):
         if f.kind != "pause-l1":
             if f.guest not in names:
                 raise err(f"faults[{i}].guest", f"expected one of the guests {sorted(names)}, got {f.guest!r}")
             if f.disk not in [d.vdev for d in s.guest(f.guest).disks]:
                 raise err(f"faults[{i}].disk", f"guest '{f.guest}' has no disk {f.disk!r}")
-        if f.kind == "delay" and not 0 < f.delay <= 60:
+        if f.kind == "delay" and not 0.001 <= f.delay <= 60:
             raise err(f"faults[{i}].delay", "expected a latency between 1ms and 60s")
+        if f.kind == "delay" and 3 * f.delay > s.watchdog.stall_window:
+            # each delayed I/O takes `delay` to complete: with the window near or
+            # below that, a disk that is slow but progressing looks hung
+            raise err(f"faults[{i}].delay", f"a delay of {f.delay:g}s per I/O needs watchdog.stall_window of "
+                      f"at least {3 * f.delay:g}s (3x the delay; it is {s.watchdog.stall_window:g}s): the "
+                      "watchdog would call the slow disk hung (docs/scenario.md, [watchdog])")
+        if f.kind == "detach-attach":
+            if not 1 <= f.count <= 100:
+                raise err(f"faults[{i}].count", f"expected 1..100 detach-attach cycles, got {f.count}")
+            if any(w.guest == f.guest and w.disk == f.disk for w in s.workloads):
+                raise err(f"faults[{i}].disk", f"{f.guest}/{f.disk} carries a workload: blkfront keeps an open "
+                          "disk, so its detach would wait for the workload; churn a disk without one")
         if f.kind == "stall" and s.dom0.os == "freebsd":
             raise err(f"faults[{i}].kind", "a FreeBSD dom0 cannot stall a disk (gnop(8) delays or fails "
                       "requests, it cannot hold them): use delay, error or pause-l1")
@@ -379,8 +548,54 @@ def _check(s: Scenario, where: str) -> None:
     elif s.freebsd.src or s.freebsd.patches:
         raise err("freebsd.src", "only for dom0.os = \"freebsd\"; a Linux dom0's backend is [backend] source")
     wd = s.watchdog
-    if wd.interval <= 0 or wd.stall_window < 2 * wd.interval:
+    if wd.interval <= 0:
+        raise err("watchdog.interval", "expected more than 0s")
+    if wd.stall_window < 2 * wd.interval:
         raise err("watchdog.stall_window", "expected at least twice watchdog.interval")
+    if wd.drain_window <= 0:
+        raise err("watchdog.drain_window", "expected more than 0s")
+    for dl in dataclasses.fields(DeadlinesCfg):
+        if getattr(s.deadlines, dl.name) <= 0:
+            raise err(f"deadlines.{dl.name}", "expected more than 0s (a deadline of 0 fails every wait)")
+    for k in ("provision_timeout", "build_timeout"):
+        if getattr(s.freebsd, k) <= 0:
+            raise err(f"freebsd.{k}", "expected more than 0s")
+
+
+def _check_text(s: Scenario, err: typing.Callable[[str, str], ScenarioError]) -> None:
+    """Every text value that reaches a command line, a config file or a job file."""
+
+    def check(path: str, value: str, kind: str) -> None:
+        if problem := text_problem(value, kind):
+            raise err(path, f"expected {problem}")
+
+    check("lab.cpu_model", s.lab.cpu_model, "cpu_model")
+    check("xen.cmdline", s.xen.cmdline, "cmdline")
+    check("dom0.cmdline", s.dom0.cmdline, "cmdline")
+    for key in ("xen.binary", "dom0.kernel", "dom0.initrd", "freebsd.image", "freebsd.packages", "freebsd.src",
+                "backend.source"):
+        section, name = key.split(".")
+        check(key, getattr(getattr(s, section), name), "path")
+    for key in ("dom0.kernel", "dom0.initrd"):
+        # QEMU's multiboot -initrd takes a module's path up to the first space
+        if " " in getattr(s.dom0, key.split(".")[1]):
+            raise err(key, "expected a path without spaces (QEMU passes dom0's kernel and initrd as "
+                      "multiboot modules, whose path ends at the first space)")
+    for j, patch in enumerate(s.freebsd.patches):
+        check(f"freebsd.patches[{j}]", patch, "path")
+    for j, patch in enumerate(s.backend.patches):
+        check(f"backend.patches[{j}]", patch, "path")
+    if not _VERSION.fullmatch(s.freebsd.version):
+        raise err("freebsd.version", f"expected MAJOR.MINOR like \"14.3\" or \"\", got {s.freebsd.version!r}")
+    if not _KERNCONF.fullmatch(s.freebsd.kernconf):
+        raise err("freebsd.kernconf", f"expected a kernel config name like \"GENERIC\", got {s.freebsd.kernconf!r}")
+    for i, g in enumerate(s.guests):
+        check(f"guests[{i}].cmdline", g.cmdline, "cmdline")
+        check(f"guests[{i}].kernel", g.kernel, "path")
+        check(f"guests[{i}].initrd", g.initrd, "path")
+    for i, w in enumerate(s.workloads):
+        check(f"workloads[{i}].bssplit", w.bssplit, "bssplit")
+        check(f"workloads[{i}].size", w.size, "fio_size")
 
 
 def load(spec: str | Path) -> Scenario:
@@ -432,47 +647,58 @@ def to_dict(obj: Any) -> Any:
 
 
 def to_toml(obj: Any) -> str:
-    """Render the resolved scenario back to TOML (small writer: our schema only)."""
+    """Render the resolved scenario back to TOML (small writer: our schema only).
+    It always parses back to the same data: keys that are not bare TOML keys are
+    quoted, strings escaped, floats written so TOML reads the same float."""
     lines: list[str] = []
 
-    def scalar(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    def string(v: str) -> str:
+        text = v.replace("\\", "\\\\").replace('"', '\\"')
         # a TOML basic string cannot hold control characters (a multi-line
         # description's newlines) raw; tab is the one allowed
         text = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", text)
         return '"' + text + '"'
 
+    def key(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else string(k)
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(int(v))
+        if isinstance(v, float):
+            # "30.0", "1e-05", "inf": TOML floats that read back bit for bit
+            return repr(float(v))
+        return string(str(v))
+
     def is_table_list(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
 
-    def emit(prefix: str, d: dict[str, Any], array: bool = False) -> None:
+    def emit(path: list[str], d: dict[str, Any], array: bool = False) -> None:
         nested = {k: v for k, v in d.items() if (isinstance(v, dict) and v) or is_table_list(v)}
-        if prefix:
-            lines.append(f"\n[[{prefix}]]" if array else f"\n[{prefix}]")
+        if path:
+            header = ".".join(key(k) for k in path)
+            lines.append(f"\n[[{header}]]" if array else f"\n[{header}]")
         for k, v in d.items():
             if k in nested:
                 continue
             if isinstance(v, dict):
-                lines.append(f"{k} = {{}}")
+                lines.append(f"{key(k)} = {{}}")
             elif isinstance(v, list):
-                lines.append(f"{k} = [{', '.join(scalar(x) for x in v)}]")
+                lines.append(f"{key(k)} = [{', '.join(scalar(x) for x in v)}]")
             else:
-                lines.append(f"{k} = {scalar(v)}")
+                lines.append(f"{key(k)} = {scalar(v)}")
         for k, v in nested.items():
-            sub = f"{prefix}.{k}" if prefix else k
             if isinstance(v, list):
                 for item in v:
-                    emit(sub, item, array=True)
+                    emit([*path, k], item, array=True)
             else:
-                emit(sub, v)
+                emit([*path, k], v)
 
     data = to_dict(obj)
     data.pop("source", None)
-    emit("", data)
+    emit([], data)
     return "\n".join(lines).lstrip() + "\n"
 
 

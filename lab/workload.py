@@ -6,10 +6,12 @@ WORKLOADS without touching the pipeline."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from lab.scenario import WorkloadCfg
+from lab.errors import ScenarioError
+from lab.scenario import FIO_KEY, FIO_VALUE, WorkloadCfg, fio_extra_problems, text_problem
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,20 @@ class IoResult:
 
 
 def fio_job(w: WorkloadCfg, device: str) -> str:
-    """The fio job file: one group of `numjobs` jobs, outstanding = iodepth x numjobs."""
+    """The fio job file: one group of `numjobs` jobs, outstanding = iodepth x numjobs.
+
+    Each line is `key=value`: a newline or an `=` in a key, or anything fio would
+    expand or read as a path in a value, could add options (exec_prerun=...) or
+    point fio elsewhere. The loader refuses those (lab/scenario.py); this checks
+    again, since a workload built in code does not pass through the loader."""
+    problems = fio_extra_problems(w.extra)
+    for kind, value in (("bssplit", w.bssplit), ("fio_size", w.size)):
+        if problem := text_problem(value, kind):
+            problems.append(problem)
+    if not re.fullmatch(r"/dev/[a-z][a-z0-9]*", device):
+        problems.append(f"a test disk device like /dev/xvdb, got {device!r}")
+    if problems:
+        raise ScenarioError(f"fio job for {w.guest}/{w.disk}: " + "; ".join(problems))
     opts: dict[str, str] = {
         "filename": device,
         "ioengine": w.ioengine,
@@ -56,6 +71,9 @@ def fio_job(w: WorkloadCfg, device: str) -> str:
     if w.size:
         opts["size"] = w.size
     opts.update(w.extra)
+    for k, v in opts.items():  # the lab's own values too: a Literal is not checked at run time
+        if not FIO_KEY.fullmatch(k) or not FIO_VALUE.fullmatch(v):
+            raise ScenarioError(f"fio job for {w.guest}/{w.disk}: refused line {k}={v!r}")
     lines = ["[global]", *(f"{k}={v}" for k, v in opts.items()), "", "[lab]", ""]
     return "\n".join(lines)
 

@@ -4,6 +4,8 @@ from xenstore."""
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,16 +14,55 @@ import jinja2
 from lab.errors import LabError
 from lab.runner import Runner
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def xl_string(value: object) -> str:
+    """`value` as a double-quoted string of xl's config syntax (libxlu_cfg_l.l; its
+    dequoting, xlu__cfgl_dequote, reads backslash escapes): backslash and double
+    quote escaped. A newline or other control character is refused rather than
+    escaped: no name, path or kernel command line the lab writes needs one, and
+    the scenario loader already refuses them."""
+    text = str(value)
+    if _CONTROL.search(text):
+        raise LabError("guest:create", f"xl config value {text!r}: control characters (newline, tab, ...) refused")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _one_line(value: object) -> str:
+    """Text for a `#` comment: it ends at the line's end, so no control characters."""
+    text = str(value)
+    if _CONTROL.search(text):
+        raise LabError("guest:create", f"xl config comment {text!r}: control characters refused")
+    return text
+
+
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,
 )
+_env.filters["xl_string"] = xl_string
+_env.filters["one_line"] = _one_line
 
 # blkif ring: a 4 KiB page holds 32 request slots (__CONST_RING_SIZE(blkif, 4096)).
 REQUESTS_PER_RING_PAGE = 32
-VDEV_DEVID = {f"xvd{c}": 51712 + 16 * i for i, c in enumerate("abcdefghijklmnop")}
+
+
+def _devid(disk: int) -> int:
+    """xenstore device id of xvd disk number `disk` (xvda = 0): the xvd major 202
+    for the first 16, then the extended form (docs/misc/vbd-interface.txt)."""
+    return (202 << 8) + (disk << 4) if disk < 16 else (1 << 28) + (disk << 8)
+
+
+VDEV_DEVID = {f"xvd{c}": _devid(i) for i, c in enumerate(string.ascii_lowercase)}
+
+# A disk spec is itself a comma-separated KEY=VALUE list inside a quoted string
+# (xl-disk-configuration.5): its parts may hold no ',', '=', quote or space.
+_VDEV = re.compile(r"xvd[a-z]")
+_TARGET = re.compile(r"/dev/(?!.*\.\.)[A-Za-z0-9_./+-]+")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +72,21 @@ class XlDisk:
 
 
 def render_xl_cfg(**params: object) -> str:
+    """The guest's xl config. Strings go through `xl_string`; the parts of a disk
+    spec, the MAC and the numbers are checked here against what they may hold."""
+    disks = params.get("disks", [])  # missing: jinja's StrictUndefined names it
+    if not isinstance(disks, list | tuple):
+        raise LabError("guest:create", f"xl config: disks {disks!r} is not a list")
+    for d in disks:
+        if not isinstance(d, XlDisk) or not _VDEV.fullmatch(d.vdev) or not _TARGET.fullmatch(d.target):
+            raise LabError("guest:create", f"xl disk {d!r}: expected vdev xvdX and a /dev/... target "
+                           "without ',', '=', quotes or spaces")
+    if "mac" in params and not _MAC.fullmatch(str(params["mac"])):
+        raise LabError("guest:create", f"xl config: MAC {params['mac']!r} is not like 00:16:3e:00:00:0a")
+    for k in ("memory_mib", "vcpus"):
+        v = params.get(k)
+        if k in params and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise LabError("guest:create", f"xl config: {k} {v!r} is not a positive integer")
     return _env.get_template("xl-linux-pv.cfg.j2").render(**params)
 
 

@@ -115,11 +115,11 @@ def test_stale_building_dirs_of_dead_runs_are_removed(cache: Path) -> None:
 
 
 def test_list_and_remove(cache: Path) -> None:
-    st = l1state.begin("k6")
+    st = l1state.begin("0123456789abcdef0123")
     (st.dir / "l1.state").write_bytes(b"x" * 4096)
     (st.dir / "meta.json").write_text('{"created": 1}')
     l1state.promote(st, "PASS")
     listed = l1state.list_states()
-    assert [s["key"] for s in listed] == ["k6"] and listed[0]["bytes"] >= 4096
-    assert l1state.remove("k6") and not l1state.remove("k6")
+    assert [s["key"] for s in listed] == ["0123456789abcdef0123"] and listed[0]["bytes"] >= 4096
+    assert l1state.remove("0123456789abcdef0123") and not l1state.remove("0123456789abcdef0123")
     assert l1state.list_states() == []

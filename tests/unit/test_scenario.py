@@ -285,7 +285,7 @@ def _rich() -> Scenario:
             {"name": "b", "disks": []},
         ],
         "workloads": [
-            {"guest": "a", "disk": "xvdc", "rw": "randread", "rwmixread": 0, "runtime": "500ms",
+            {"guest": "a", "disk": "xvdc", "rw": "randread", "rwmixread": 0, "runtime": "2s",
              "direct": False, "ioengine": "io_uring", "size": "100M", "extra": {"rate_iops": 100, "verify": "crc32c"}},
             {"guest": "a", "disk": "xvdb", "runtime": "5m"},
         ],
@@ -326,3 +326,59 @@ def test_to_dict_shall_give_plain_data() -> None:
     assert d["workloads"][0]["extra"] == {"rate_iops": "100", "verify": "crc32c"}
     assert d["workloads"][1]["runtime"] == 300
     assert isinstance(d["guests"], list)
+
+
+# ------------------------------------------------------------ to_toml: round trips
+def _data(sc: Scenario) -> dict:
+    d = scenario.to_dict(sc)
+    d.pop("source")
+    return d
+
+
+@pytest.mark.parametrize("name", scenario.presets())
+def test_to_toml_of_every_preset_shall_load_back_to_the_same_scenario(name: str, tmp_path: Path) -> None:
+    sc = scenario.load(name)
+    f = tmp_path / f"{name}.toml"
+    f.write_text(scenario.to_toml(sc))
+    assert scenario.load(f) == dataclasses.replace(sc, source=str(f))
+    assert tomllib.loads(f.read_text()) == _data(sc)
+
+
+AWKWARD_TEXT = 'a """ b \'\'\' c \\ d \\" # [x] = 1 \n\r\t \x7f \x00 \u00e9 \U0001f600 \\u0041 end\\'
+
+
+def test_to_toml_shall_round_trip_awkward_values_the_loader_accepts(tmp_path: Path) -> None:
+    raw = copy.deepcopy(BASE) | {
+        "description": AWKWARD_TEXT,
+        "xen": {"cmdline": "console=com1,vga loglvl=all/all dom0_mem=512M,max:512M x=@%~^!+"},
+        "backend": {"source": "/src/my tree #1/[x]'q'\"", "patches": ["/p/a b.patch", "/p/é.patch", ""]},
+        "watchdog": {"interval": 0.001, "stall_window": "604800s", "drain_window": 1e-3},
+        "deadlines": {"command": 1.1, "guest_ssh": 604800},
+    }
+    raw["guests"][0] |= {"kernel": "/k/with space/and#hash", "cmdline": ""}
+    raw["guests"][0]["disks"] = [{"vdev": "xvdz", "size": "1024T"}, {"vdev": "xvdb", "size": 1}]
+    raw["workloads"][0] |= {"bssplit": "4k/50:64k/,1m/100", "size": "50%", "runtime": 604800,
+                            "extra": {"rate": "1m,2m", "verify_pattern": "0xdeadbeef", "rate_iops": 7, "bs": 0.5}}
+    sc = scenario.from_dict(raw, WHERE)
+    f = tmp_path / "awkward.toml"
+    f.write_text(scenario.to_toml(sc))
+    back = scenario.load(f)
+    assert back == dataclasses.replace(sc, source=str(f))
+    assert back.description == AWKWARD_TEXT
+
+
+@pytest.mark.parametrize("key", ["x y", "a.b", "", "\"", "k\u00e9y", "[t]", "=", "1", "a\nb", "#"])
+def test_to_toml_shall_quote_keys_that_are_not_bare(key: str) -> None:
+    """The loader refuses such fio options; the writer must still never emit TOML
+    that does not parse, or parses to something else."""
+    w = WorkloadCfg(guest="lin1", disk="xvdb", extra={key: "v\n\"", "ok": "1"})
+    sc = dataclasses.replace(scenario.from_dict(copy.deepcopy(BASE), WHERE), workloads=(w,))
+    assert tomllib.loads(scenario.to_toml(sc)) == _data(sc)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
+def test_toml_inf_and_nan_shall_not_pass_as_durations(value: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        scenario.parse_duration(value)
+    with pytest.raises(ScenarioError, match="finite"):
+        scenario.from_dict(_mutated(("watchdog", "stall_window"), value), WHERE)
