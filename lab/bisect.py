@@ -69,6 +69,25 @@ def preflight(sc: scenario.Scenario) -> None:
     dom0_platform(sc.dom0.os).preflight(sc)
 
 
+def _bisect_run(argv: list[str], log_path: Path) -> subprocess.CompletedProcess[str]:
+    """`git bisect run`, its output kept in `log_path` and shown as it comes: where
+    git is in the range ("Bisecting: N revisions left") and each lab step's start
+    and end (a bisect takes minutes per step; silence for ten minutes reads as hung)."""
+    shown = ("Bisecting:", "step ", "is the first bad commit", "bisect found")
+    lines: list[str] = []
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            logf.write(line)
+            logf.flush()
+            if line.startswith(shown) or " is the first bad commit" in line:
+                print(f"  {line.rstrip()}", flush=True)
+        rc = proc.wait()
+    return subprocess.CompletedProcess(argv, rc, "".join(lines), "")
+
+
 def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", accel: str | None = None,
              cold: bool = False) -> dict:
     """One lab run of `sc` with the backend built from `repo` at its HEAD."""
@@ -80,6 +99,8 @@ def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", a
     n = len(list(steps.iterdir())) + 1
     d = steps / f"{n:02d}-{sha[:12]}{'-' + label if label else ''}"
     sc = with_source(sc, repo)
+    print(f"step {n}: {sha[:12]} {git(repo, 'log', '-1', '--format=%s')!r}: starting"
+          f"{' (' + label + ')' if label else ''}", flush=True)
     t = time.monotonic()
     rec = pipeline.run(sc, pipeline.Options(results_root=out, results_dir=d, accel=accel, cold=cold))
     entry = {
@@ -117,9 +138,7 @@ def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, re
                 "--repo", str(repo), "--out", str(out)]
         if accel:
             argv += ["--accel", accel]
-        proc = subprocess.run(["git", "-C", str(repo), "bisect", "run", *argv], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        (out / "git-bisect-run.log").write_text(proc.stdout)
+        proc = _bisect_run(["git", "-C", str(repo), "bisect", "run", *argv], out / "git-bisect-run.log")
         steps = _steps(out)
         if steps and steps[-1]["code"] == ABORT:
             result["reason"] = f"the lab cannot get to the backend stage: {steps[-1]['summary']}"

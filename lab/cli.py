@@ -152,7 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     i = 0
     while limit is None or i < limit:
         i += 1
-        opts = pipeline.Options(results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold)
+        from lab.progress import Progress
+
+        opts = pipeline.Options(results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold,
+                                progress=Progress())
         try:
             rec = pipeline.run(sc, opts)
         except (KeyboardInterrupt, Interrupted):

@@ -76,6 +76,15 @@ class LabFailure:
 class FaultObs:
     kind: str
     started_at: float | None
+    # a lifecycle operation's outcome (lab/faults.py Outcome), once it ended
+    ended: bool = False
+    ok: bool = True
+    timed_out: bool = False
+    transport_error: str = ""
+    failed: str = ""
+    leftovers: tuple[str, ...] = ()
+    detail: str = ""
+    target: str = ""  # guest or guest/disk
 
 
 @dataclass(frozen=True)
@@ -235,8 +244,36 @@ def hang_summary(hang: dict[str, Any], cause: str, t: float | None) -> str:
 
 def watch(obs: Observations, cfg: Config) -> Verdict | None:
     """While the workload runs: a verdict as soon as one is certain, else None."""
-    return (_crash(obs) or _lab_error(obs, final=False) or _unresponsive(obs, cfg) or _stalled(obs, cfg)
-            or _deadline(obs, cfg))
+    return (_crash(obs) or _lab_error(obs, final=False) or _fault_lab_error(obs) or _unresponsive(obs, cfg)
+            or _stalled(obs, cfg) or _fault_hang(obs) or _deadline(obs, cfg))
+
+
+def _fault_lab_error(obs: Observations) -> Verdict | None:
+    for f in obs.faults:
+        if f.transport_error:
+            return Verdict("ERROR", f"fault:{f.kind}", f"lab failed carrying out {f.kind} on {f.target}: "
+                           f"{f.transport_error}", rule="fault-lab")
+    return None
+
+
+def _fault_hang(obs: Observations) -> Verdict | None:
+    """A lifecycle operation that never completed (its step ran out of time)."""
+    for f in obs.faults:
+        if f.timed_out:
+            hang = {"cause": f"{f.kind} of {f.target} never completed", "fault": f.kind, "detail": f.detail}
+            return Verdict("HANG", f"fault:{f.kind}", f"HANG: {f.kind} of {f.target}: {f.detail}", hang=hang,
+                           rule="fault-hang")
+    return None
+
+
+def _fault_fail(obs: Observations) -> list[str]:
+    out = []
+    for f in obs.faults:
+        if f.failed:
+            out.append(f"{f.kind} of {f.target}: {f.failed}")
+        if f.leftovers:
+            out.append(f"{f.kind} of {f.target} left behind: " + "; ".join(f.leftovers))
+    return out
 
 
 def _deadline(obs: Observations, cfg: Config) -> Verdict | None:
@@ -255,8 +292,8 @@ def drains(tracks: Sequence[Track], t_end: float) -> dict[str, Drain]:
 
 def decide(obs: Observations, cfg: Config) -> Verdict:
     """The final verdict, once the workloads ended (or the run stopped)."""
-    early = (_crash(obs) or _lab_error(obs, final=True) or _unresponsive(obs, cfg) or _stalled(obs, cfg)
-             or _deadline(obs, cfg))
+    early = (_crash(obs) or _lab_error(obs, final=True) or _fault_lab_error(obs) or _unresponsive(obs, cfg)
+             or _stalled(obs, cfg) or _fault_hang(obs) or _deadline(obs, cfg))
     if early:
         return early
     dr = drains(obs.tracks, obs.t_end if obs.t_end is not None else obs.now)
@@ -273,7 +310,7 @@ def decide(obs: Observations, cfg: Config) -> Verdict:
             hang = {"disk": key, "cause": "never drained", **d.as_dict()}
             return Verdict("HANG", "drain", f"{key} did not drain within {cfg.drain_window:.0f}s: {why}",
                            hang=hang, drain=dr, rule="drain")
-    errors = []
+    errors: list[str] = []
     for w in obs.workloads:
         if w.errors and not obs.expect_errors:
             errors.append(f"{w.key}: the workload reported {w.errors} errors")
@@ -284,6 +321,7 @@ def decide(obs: Observations, cfg: Config) -> Verdict:
         elif w.rc not in (0, None):
             errors.append(f"{w.key}: the workload exited {w.rc}: {w.stderr.strip()[-300:]}")
     errors += [f.message for f in obs.findings if f.verdict == "FAIL"]
+    errors += _fault_fail(obs)
     if errors:
         return Verdict("FAIL", "workload", "; ".join(errors), drain=dr, rule="errors")
     idle = [tr.key for tr in obs.tracks
@@ -296,7 +334,8 @@ def decide(obs: Observations, cfg: Config) -> Verdict:
 # Stages from which a crash on a console is the system under test's: the backend
 # under test is in place. Before it (setup, images, L1 boot) and while guests boot
 # (they do not use the backend) a crash is the lab's ERROR, with the console tail.
-CRASH_STAGES = ("backend", "guest:attach", "workload", "drain", "done")
+CRASH_STAGES = ("backend", "guest:attach", "workload", "drain", "done", "teardown", "teardown:detach",
+                "teardown:destroy", "teardown:unload")
 
 
 def with_consoles(v: Verdict, findings: Sequence[ConsoleFinding], *, interrupted: bool = False) -> Verdict:
@@ -310,6 +349,37 @@ def with_consoles(v: Verdict, findings: Sequence[ConsoleFinding], *, interrupted
     c = findings[0]
     return Verdict("CRASH", v.stage, f"{c.kind} on the {c.console} console: {c.line}", hang=v.hang, drain=v.drain,
                    rule="console")
+
+
+def after_teardown(v: Verdict, td: Any) -> Verdict:
+    """The verdict once the orderly teardown inside L1 ran (lab/teardown.py): a
+    crash during it is CRASH, a step that never completed is HANG at its
+    `teardown:` stage, the lab losing dom0 is ERROR, anything of the backend left
+    behind is FAIL naming it. Only a PASS or a FAIL is taken further; the most
+    severe finding wins."""
+    if v.verdict not in ("PASS", "FAIL") or td.skipped:
+        return v
+    for s in td.steps:
+        if s.crash is not None:
+            return Verdict("CRASH", f"teardown:{s.kind}", f"{s.crash.kind} on the {s.crash.console} console during "
+                           f"teardown (`{s.name}`): {s.crash.line}", rule="teardown-crash")
+    for s in td.steps:
+        if s.transport_error:
+            return Verdict("ERROR", f"teardown:{s.kind}", f"lab lost dom0 during teardown (`{s.name}`): "
+                           f"{s.transport_error}", rule="transport")
+    for s in td.steps:
+        if s.timed_out:
+            hang = {"cause": f"teardown step `{s.name}` never completed", "step": s.name, "elapsed_s": s.elapsed}
+            return Verdict("HANG", f"teardown:{s.kind}", f"HANG: teardown step `{s.name}` did not complete "
+                           f"within {s.elapsed:.0f}s", hang=hang, rule="teardown-hang")
+    failed = [f"`{s.name}` failed: {s.detail}" for s in td.steps if not s.ok and s.kind != "unload"]
+    left = failed + list(td.leftovers)
+    if not left:
+        return v
+    summary = "FAIL: teardown: " + "; ".join(left)
+    if v.verdict == "FAIL":
+        summary = f"{v.summary}; {summary}"
+    return Verdict("FAIL", "teardown", summary, drain=v.drain, rule="teardown-leftover")
 
 
 def error(stage: str, message: str) -> Verdict:

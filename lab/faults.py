@@ -8,6 +8,7 @@ suspended device would leave a dying domain)."""
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import threading
@@ -18,7 +19,7 @@ from typing import Protocol
 
 from lab.platform import Backing
 from lab.runner import Result, Runner
-from lab.scenario import FaultCfg
+from lab.scenario import LIFECYCLE_KINDS, FaultCfg
 
 log = logging.getLogger("lab.faults")
 
@@ -39,6 +40,7 @@ class FaultRecord:
     ended_at: float | None = None
     error: str | None = None
     log: list[str] = field(default_factory=list)
+    outcome: Outcome | None = None  # a lifecycle operation's result (lab/lifecycle.py)
 
     def as_dict(self) -> dict:
         return {
@@ -48,7 +50,23 @@ class FaultRecord:
             "started_at_s": None if self.started_at is None else round(self.started_at, 2),
             "ended_at_s": None if self.ended_at is None else round(self.ended_at, 2),
             "error": self.error,
+            **({"count": self.cfg.count} if self.cfg.kind == "detach-attach" else {}),
+            **({"outcome": dataclasses.asdict(self.outcome)} if self.outcome is not None else {}),
         }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a lifecycle operation (detach-attach, destroy) came to; lab/decide.py
+    judges it: not completed in time is HANG, refused or leaving anything of the
+    old connection behind is FAIL."""
+
+    ok: bool
+    timed_out: bool = False
+    transport_error: str = ""
+    failed: str = ""  # the operation was refused or went wrong
+    leftovers: tuple[str, ...] = ()
+    detail: str = ""
 
 
 class Injector(threading.Thread):
@@ -64,12 +82,14 @@ class Injector(threading.Thread):
         pause_l1: Callable[[], None],
         resume_l1: Callable[[], None],
         t0: float,
+        lifecycle: Callable[[FaultCfg], Outcome] | None = None,
     ) -> None:
         super().__init__(name="faults", daemon=True)
         self.dom0 = dom0
         self.backing = backing
         self.scripts = scripts
         self.pause_l1 = pause_l1
+        self.lifecycle = lifecycle
         self.resume_l1 = resume_l1
         self.t0 = t0
         self.records = [FaultRecord(f, float(f.at)) for f in sorted(faults, key=lambda f: f.at)]
@@ -107,6 +127,17 @@ class Injector(threading.Thread):
         f = rec.cfg
         t = rec.requested_at = self.now()
         log.info("fault %s on %s/%s at %.1fs", f.kind, f.guest, f.disk, t)
+        if f.kind in LIFECYCLE_KINDS:
+            # in force while it runs; it ends when the operation and its checks did
+            rec.started_at = self.now()
+            try:
+                assert self.lifecycle is not None, "no lifecycle operations in this run"
+                rec.outcome = self.lifecycle(f)
+            except Exception as e:  # the lab's failure, not the backend's
+                rec.outcome = Outcome(False, transport_error=f"{type(e).__name__}: {e}")
+            rec.ended_at = self.now()
+            log.info("fault %s ended at %.1fs: %s", f.kind, rec.ended_at, rec.outcome)
+            return
         if f.kind == "pause-l1":
             try:
                 self.pause_l1()

@@ -161,17 +161,25 @@ def attach_disks(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where,
     for d in gu.cfg.disks:
         name = f"lab-{gu.cfg.name}-{d.vdev}"
         lower = l1.ops.disk_by_serial(name)
-        b = l1.ops.make_backing(name, lower)
-        gu.backings[d.vdev] = b
-        spec = f"format=raw, vdev={d.vdev}, access=rw, target={b.path}"
-        res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=dl.guest_create)
-        if res.transport_error:
-            res.check("guest:attach")  # the lab lost dom0: ERROR
-        if not res.ok:
-            be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
-            raise DiskFailure("guest:attach", f"`xl block-attach {gu.cfg.name} {d.vdev}` failed "
-                              f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
-        gu.vbds[d.vdev] = _wait_connected(sc, gu, xl, d.vdev, where, deadline.slice(sc.deadlines.guest_create))
+        gu.backings[d.vdev] = l1.ops.make_backing(name, lower)
+        attach_one(sc, l1, gu, xl, where, d.vdev, deadline.slice(sc.deadlines.guest_create))
+
+
+def attach_one(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, vdev: str,
+               deadline: Deadline) -> VbdInfo:
+    """`xl block-attach` of one test disk on its backing device, then both ends
+    Connected: the first time, and again after each detach of a churn."""
+    b = gu.backings[vdev]
+    spec = f"format=raw, vdev={vdev}, access=rw, target={b.path}"
+    res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=max(1.0, deadline.remaining()))
+    if res.transport_error:
+        res.check("guest:attach")  # the lab lost dom0: ERROR
+    if not res.ok:
+        be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
+        raise DiskFailure("guest:attach", f"`xl block-attach {gu.cfg.name} {vdev}` failed "
+                          f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
+    gu.vbds[vdev] = _wait_connected(sc, gu, xl, vdev, where, deadline)
+    return gu.vbds[vdev]
 
 
 def _last_line(text: str) -> str:

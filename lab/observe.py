@@ -14,9 +14,11 @@ from typing import Any
 
 from lab import console, decide, sampling, scenario
 from lab.boot import L1, Where
-from lab.faults import Injector
+from lab.faults import FaultRecord, Injector
 from lab.guests import Guest
+from lab.lifecycle import Lifecycle
 from lab.platform import Dom0Platform
+from lab.progress import Progress, workload_line
 from lab.runner import Result, Runner
 from lab.sampling import Sampler
 from lab.timing import Deadline
@@ -64,6 +66,7 @@ class Outcome:
     fio_s: float = 0.0
     drain_s: float = 0.0
     platform_record: dict[str, Any] = field(default_factory=dict)  # e.g. FreeBSD's "xbbd" report
+    gone: set[str] = field(default_factory=set)  # guests a lifecycle fault destroyed
 
 
 @dataclass
@@ -71,6 +74,7 @@ class _Watch:
     """The workload phase's live view, read by `snapshot`."""
 
     consoles: dict[str, console.Console]
+    gone: set[str]  # guests a lifecycle fault destroyed: no longer judged
     console_size: int = -1
     console_moved_t: float = 0.0
     last_probe_t: float = -1e9
@@ -85,7 +89,7 @@ def _cfg(sc: scenario.Scenario) -> decide.Config:
 
 def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Guest], where: Where,
         stack: contextlib.ExitStack, *, progress: list[str], deadline: Deadline,
-        on_started: Callable[[Started], None] | None = None) -> Outcome:
+        on_started: Callable[[Started], None] | None = None, status: Progress | None = None) -> Outcome:
     progress[0] = "workload"
     dl, wd = sc.deadlines, sc.watchdog
     by_name = {g.cfg.name: g for g in guests}
@@ -109,10 +113,12 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
 
     stack.callback(stop_samplers)
     injector = None
+    life = Lifecycle(sc, l1, by_name, where)
     if sc.faults:
         vm = l1.vm
         injector = Injector(sc.faults, dom0=l1.dom0, backing=lambda g, d: by_name[g].backings[d], scripts=l1.ops,
-                            pause_l1=lambda: _qmp(vm, "stop"), resume_l1=lambda: _qmp(vm, "cont"), t0=t0)
+                            pause_l1=lambda: _qmp(vm, "stop"), resume_l1=lambda: _qmp(vm, "cont"), t0=t0,
+                            lifecycle=life)
         stack.callback(injector.release_all)
         injector.start()
     for j in jobs:
@@ -131,7 +137,7 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
         on_started(Started(l1.dom0, by_name, t0, cleanup))
     cfg = _cfg(sc)
     end_by = deadline.slice(max(w.runtime for w in sc.workloads) + dl.workload_grace)
-    watch = _Watch({"xen": l1.xen_console})
+    watch = _Watch({"xen": l1.xen_console}, life.gone)
     verdict: decide.Verdict | None = None
     while verdict is None:
         # decide on a finer tick than the sampling interval: a stall is called
@@ -146,8 +152,18 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
             watch.probe_ok = l1.dom0.run(["true"], timeout=PROBE_SECONDS).ok
             obs = _snapshot(sc, platform, l1, jobs, samplers, injector, watch, now, end_by, final=False)
         verdict = decide.watch(obs, cfg)
+        if status is not None:
+            active = [r.cfg.kind for r in (injector.records if injector else [])
+                      if r.started_at is not None and r.ended_at is None]
+            status.status(workload_line(obs.tracks, now, wd.stall_window, active))
         if verdict is None and all(j.thread is not None and not j.thread.is_alive() for j in jobs):
             break
+    if verdict is None and injector is not None:
+        # a lifecycle operation still running (a churn outlasting the workload) is
+        # part of the experiment: its outcome is judged, within the run's deadline
+        injector.join(timeout=max(0.0, end_by.remaining()))
+    if status is not None:
+        status.done()
     fio_s = round(time.monotonic() - t0, 2)
     t_end = time.monotonic() - t0
     drain_s = 0.0
@@ -155,20 +171,24 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
         progress[0] = "drain"
         drain_dl = deadline.slice(wd.drain_window)
         while not drain_dl.expired():
-            if all(d.drained for d in decide.drains(tracks, t_end).values()):
+            live = [j.track for j in jobs if j.cfg.guest not in life.gone]
+            if all(d.drained for d in decide.drains(live, t_end).values()):
                 break
             time.sleep(wd.interval / 2)
         drain_s = round(time.monotonic() - t0 - t_end, 2)
     # after an early verdict no workload finished: nothing to fetch (and L1 may not answer)
-    results = _fetch_results(sc, jobs, where) if verdict is None else {}
+    results = _fetch_results(sc, [j for j in jobs if j.cfg.guest not in life.gone], where) if verdict is None else {}
     if verdict is None:
         obs = _snapshot(sc, platform, l1, jobs, samplers, injector, watch, time.monotonic() - t0, end_by,
                         final=True, t_end=t_end, results=results)
         verdict = decide.decide(obs, cfg)
     now = time.monotonic() - t0
     records = [_workload_entry(j, results.get(j.index), now if verdict.verdict != "PASS" else t_end) for j in jobs]
+    for j, r in zip(jobs, records, strict=True):
+        if j.cfg.guest in life.gone:
+            r["ended_by"] = "destroy (a lifecycle fault): not judged after it"
     return Outcome(verdict, tracks, samplers, [r.as_dict() for r in injector.records] if injector else [],
-                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record)
+                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, set(life.gone))
 
 
 def _qmp(vm: Any, cmd: str) -> None:
@@ -206,6 +226,8 @@ def _snapshot(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, jobs: Seque
               samplers: Sequence[Sampler], injector: Injector | None, watch: _Watch, now: float, end_by: Deadline,
               *, final: bool, t_end: float | None = None, results: dict[int, IoResult | str] | None = None
               ) -> decide.Observations:
+    jobs = [j for j in jobs if j.cfg.guest not in watch.gone]
+    samplers = [s for s in samplers if s.machine not in watch.gone]
     size = watch.consoles["xen"].size()
     if size != watch.console_size:
         watch.console_size, watch.console_moved_t = size, now
@@ -222,9 +244,19 @@ def _snapshot(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, jobs: Seque
         consoles=found, samplers=[decide.SamplerObs(**vars(sampling.state(s))) for s in samplers],
         vm_alive=l1.vm.alive(), vm_rc=l1.vm.proc.returncode, dom0_probe_ok=watch.probe_ok,
         console_silent_s=now - watch.console_moved_t, findings=rules.findings,
-        faults=[decide.FaultObs(r.cfg.kind, r.started_at) for r in (injector.records if injector else [])],
+        faults=[_fault_obs(r) for r in (injector.records if injector else [])],
         workload_deadline_passed=end_by.expired(), t_end=t_end,
     )
+
+
+def _fault_obs(r: FaultRecord) -> decide.FaultObs:
+    o = r.outcome
+    target = f"{r.cfg.guest}/{r.cfg.disk}" if r.cfg.kind == "detach-attach" else r.cfg.guest
+    if o is None:
+        return decide.FaultObs(r.cfg.kind, r.started_at, target=target)
+    return decide.FaultObs(r.cfg.kind, r.started_at, ended=True, ok=o.ok, timed_out=o.timed_out,
+                           transport_error=o.transport_error, failed=o.failed, leftovers=o.leftovers,
+                           detail=o.detail, target=target)
 
 
 def _workload_obs(j: Job, parsed: IoResult | str | None) -> decide.WorkloadObs:

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab import console, decide, evidence, guests, images, l1state, observe, report, scenario
+from lab import console, decide, evidence, guests, images, l1state, observe, report, scenario, teardown
 from lab.boot import L1, Where, up
 from lab.errors import Interrupted, LabError
 from lab.platform import BackendCtx
 from lab.platforms import dom0_platform
+from lab.progress import Progress
 from lab.runner import CommandLog, LocalRunner
 from lab.timing import Deadline
 
@@ -46,6 +47,7 @@ class Options:
     cold: bool = False  # never restore a saved L1 (a new state is still saved if none exists)
     results_dir: Path | None = None  # an exact directory (bisect steps) instead of results/<name>/<stamp>
     on_workload_started: Callable[[observe.Started], None] | None = None
+    progress: Progress | None = None  # the status line on a terminal (lab/progress.py)
 
 
 def runs_dir() -> Path:
@@ -102,13 +104,16 @@ def signals_deferred() -> Iterator[None]:
 
 
 class _Phases:
-    """Wall time per phase into record["phases"]."""
+    """Wall time per phase into record["phases"], and the phase on the progress line."""
 
-    def __init__(self, phases: dict[str, float]) -> None:
+    def __init__(self, phases: dict[str, float], progress: Progress | None) -> None:
         self.d = phases
+        self.progress = progress
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.progress is not None:
+            self.progress.phase(name)
         t = time.monotonic()
         try:
             yield
@@ -129,7 +134,7 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"run-{report.utc_stamp()}-", dir=runs_dir()))
     where = Where(results, work, cmdlog, LocalRunner(cmdlog))
     progress = ["setup"]  # the stage reached, for errors raised outside a LabError
-    phases = _Phases(rec["phases"])
+    phases = _Phases(rec["phases"], opts.progress)
     platform = dom0_platform(sc.dom0.os)
     infra = contextlib.ExitStack()  # L1 itself: QEMU, dom0's transport, the work directory
     infra.callback(shutil.rmtree, work, ignore_errors=True)
@@ -167,12 +172,12 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                     started = guests.start(sc, l1, media, where, phases=rec["phases"], progress=progress,
                                            deadline=run_dl)
                 for g in started:
-                    exp.callback(g.runner.close)
+                    infra.callback(g.runner.close)
                 rec["guests"] = {g.cfg.name: g.as_record(g.os.blkfront_params(g.runner, timeout=sc.deadlines.command))
                                  for g in started}
                 with phases("workload"):
                     outcome = observe.run(sc, platform, l1, started, where, exp, progress=progress, deadline=run_dl,
-                                          on_started=opts.on_workload_started)
+                                          on_started=opts.on_workload_started, status=opts.progress)
                 verdict = outcome.verdict
                 rec["phases"]["fio"] = outcome.fio_s
                 rec["phases"]["drain"] = outcome.drain_s
@@ -191,6 +196,14 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 rec["lab_exception"] = traceback.format_exc().splitlines()[-30:]
                 log.error("lab failure at %s: %s", progress[0], traceback.format_exc())
             exp.close()  # samplers stop and faults are released before anything is read for evidence
+            assert verdict is not None
+            if l1 is not None:
+                progress[0] = "teardown"
+                if opts.progress is not None:
+                    opts.progress.phase("teardown inside L1")
+                td = _teardown(sc, l1, started, verdict, rec, outcome, keep=opts.keep,
+                               interrupted=interrupted is not None)
+                verdict = decide.after_teardown(verdict, td)
             verdict = _finish(sc, rec, verdict, l1, started, outcome, results, interrupted=interrupted is not None)
     except (KeyboardInterrupt, Interrupted) as e:  # a signal while finishing: the record says so
         interrupted = interrupted or e
@@ -214,8 +227,10 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 rec["phases"]["teardown"] = round(time.monotonic() - t, 2)
             rec["wall_s"] = round(time.monotonic() - t_start, 2)
             _overhead(rec)
-            rec["files"] = sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
+            rec["files"] = sorted({*(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file()),
+                                   "record.json", "report.html"})
             report.write_record(results / "record.json", rec)
+            _write_html(results)
     if interrupted is not None:
         raise interrupted
     return rec
@@ -230,6 +245,41 @@ def run_budget(sc: scenario.Scenario) -> float:
     guests = len(sc.guests) * (dl.guest_create + dl.guest_ssh) + disks * dl.guest_create
     work = max((w.runtime for w in sc.workloads), default=0.0) + dl.workload_grace + sc.watchdog.drain_window
     return boot + guests + work + 10 * dl.command
+
+
+def _teardown(sc: scenario.Scenario, l1: L1, started: list[guests.Guest], v: decide.Verdict,
+              rec: dict[str, Any], outcome: observe.Outcome | None, *, keep: bool,
+              interrupted: bool) -> teardown.Teardown:
+    """The orderly teardown inside L1 when the run reached PASS or FAIL; otherwise
+    say why not (it would hang, or nothing in L1 can be trusted)."""
+    why = ("interrupted: the user wants out" if interrupted
+           else "--keep: the lab is left as it failed" if keep and v.verdict != "PASS"
+           else "a test disk never connected: there is no connection to tear down" if v.stage == "guest:attach"
+           else {"HANG": "the run ended in HANG: detaching a disk with requests stuck would hang too",
+                 "CRASH": "the run ended in CRASH: nothing in L1 can be trusted",
+                 "ERROR": "the lab failed: its view of L1 cannot be trusted"}.get(v.verdict, ""))
+    if why:
+        td = teardown.skipped(why)
+    else:
+        try:
+            gone = outcome.gone if outcome is not None else set()
+            td = teardown.run(sc, l1, [g for g in started if g.cfg.name not in gone], phases=rec["phases"])
+        except LabError as e:
+            td = teardown.Teardown(steps=[teardown.Step(f"teardown: {e.message}", "lab", False, 0.0,
+                                                        transport_error=e.message)])
+    rec["teardown"] = td.as_record()
+    return td
+
+
+def _write_html(results: Path) -> None:
+    """report.html beside record.json; a report that cannot be drawn never
+    changes the verdict."""
+    from lab import html
+
+    try:
+        html.write_report(results)
+    except Exception as e:
+        log.warning("report.html not written: %s: %s", type(e).__name__, e)
 
 
 def _results_dir(sc: scenario.Scenario, opts: Options) -> Path:
@@ -281,7 +331,9 @@ def _finish(sc: scenario.Scenario, rec: dict[str, Any], verdict: decide.Verdict 
         try:
             if l1 is None:
                 consoles = {}
-            rec["evidence"] = evidence.collect(results, l1, started, consoles, answers=answers)
+            # guests the teardown destroyed cannot answer (their consoles are kept)
+            alive = [] if (rec.get("teardown") or {}).get("steps") else started
+            rec["evidence"] = evidence.collect(results, l1, alive, consoles, answers=answers)
         except Exception as e:  # evidence never changes the verdict
             log.warning("evidence collection failed: %s", e)
             rec["evidence_error"] = f"{type(e).__name__}: {e}"

@@ -52,6 +52,47 @@ def _refuse(xenbus: str) -> str:
     return xenbus.replace(CONNECT_RING, REFUSE, 1)
 
 
+# lifecycle bugs, in xen_blkif_disconnect (xenbus.c)
+FREE_CACHES = """		/* Remove all persistent grants and the cache of ballooned pages. */
+		xen_blkbk_free_caches(ring);
+"""
+CACHE_CHECKS = """		BUG_ON(ring->persistent_gnt_c != 0);
+"""
+BUSY = """		if (atomic_read(&ring->inflight) > 0) {
+			busy = true;
+			continue;
+		}"""
+BUSY_FORGETS = """		if (atomic_read(&ring->inflight) > 0) {
+			busy = true;
+			/* lab demo: nothing more to do for this ring */
+			ring->active = false;
+			continue;
+		}"""
+
+
+def _free_order(xenbus: str) -> str:
+    """Teardown frees in the wrong order: the grant and page caches are checked
+    empty before they are freed, so every disconnect after I/O is a kernel BUG."""
+    assert FREE_CACHES in xenbus and CACHE_CHECKS in xenbus, "xen_blkif_disconnect() is not as expected"
+    xenbus = xenbus.replace(FREE_CACHES, "", 1)
+    return xenbus.replace(CACHE_CHECKS, CACHE_CHECKS + FREE_CACHES, 1)
+
+
+def _busy_forgets(xenbus: str) -> str:
+    """A disconnect with requests still in flight marks the ring inactive, so the
+    retry once they complete skips it: its event channel, mapped ring and grants
+    are never released (only a guest destroyed under load shows it)."""
+    assert BUSY in xenbus, "xen_blkif_disconnect() is not as expected"
+    return xenbus.replace(BUSY, BUSY_FORGETS, 1)
+
+
+XENBUS_BUGS = {
+    "refuse": (_refuse, "xen-blkback: validate the frontend's ring before mapping it"),
+    "free-order": (_free_order, "xen-blkback: check the caches are empty before freeing them"),
+    "busy-forgets": (_busy_forgets, "xen-blkback: retire a busy ring at once on disconnect"),
+}
+
+
 def _harmless_comment(text: str, n: int) -> str:
     anchor = "static void free_req(struct xen_blkif_ring *ring, struct pending_req *req)"
     return text.replace(anchor, f"/* lab demo: harmless change {n}: pending requests return to the pool here. */\n"
@@ -68,8 +109,8 @@ def _bug(text: str) -> str:
 
 def make_series(dest: Path, pristine: Path, *, bad_at: int, total: int, bug: str = "leak") -> list[str]:
     """A repo at `dest`: the pristine tree (commit 0), then `total` commits of which
-    number `bad_at` (1-based) adds the bug (`leak` or `refuse`). Returns the
-    commit shas, base first."""
+    number `bad_at` (1-based) adds the bug (`leak`, or one of XENBUS_BUGS).
+    Returns the commit shas, base first."""
     if dest.exists():
         shutil.rmtree(dest)
     (dest / DRIVER).mkdir(parents=True)
@@ -93,10 +134,10 @@ def make_series(dest: Path, pristine: Path, *, bad_at: int, total: int, bug: str
     blk = dest / DRIVER / "blkback.c"
     for i in range(1, total + 1):
         text = blk.read_text()
-        if i == bad_at and bug == "refuse":
+        if i == bad_at and bug in XENBUS_BUGS:
             xb = dest / DRIVER / "xenbus.c"
-            xb.write_text(_refuse(xb.read_text()))
-            msg = "xen-blkback: validate the frontend's ring before mapping it"
+            change, msg = XENBUS_BUGS[bug]
+            xb.write_text(change(xb.read_text()))
         elif i == bad_at:
             blk.write_text(_bug(text))
             msg = "xen-blkback: hand requests freed into an exhausted pool straight to the ring thread"

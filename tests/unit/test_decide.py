@@ -191,3 +191,55 @@ def test_the_pass_capture_never_hangs_at_any_tick() -> None:
                      backend_pts=[p for p in full.backend_pts if p.t <= now])
         obs = live(now=now, tracks=[tr], samplers=samplers(now))
         assert decide.watch(obs, CFG) is None, now
+
+
+# ------------------------------------------------------------ the orderly teardown
+def _td(*steps: object, leftovers: tuple[str, ...] = (), skipped: str = "") -> object:
+    from lab.teardown import Teardown
+
+    return Teardown(steps=list(steps), leftovers=list(leftovers), skipped=skipped)  # type: ignore[arg-type]
+
+
+def _step(kind: str = "detach", **kw: object) -> object:
+    from lab.teardown import Step
+
+    base: dict[str, object] = dict(name=f"xl block-{kind} lin1 xvdb", kind=kind, ok=True, elapsed=1.2)
+    base.update(kw)
+    return Step(**base)  # type: ignore[arg-type]
+
+
+PASSED = decide.Verdict("PASS", "done", "all workloads finished, progressed and drained", rule="pass")
+TEARDOWN_CASES = [
+    ("a clean teardown keeps the PASS", PASSED, _td(_step(), _step("destroy")), "PASS", "pass", "done"),
+    ("a crash while detaching is CRASH", PASSED,
+     _td(_step(crash=ConsoleFinding("xen", "Linux BUG", "kernel BUG at drivers/block/xen-blkback/xenbus.c:300!"))),
+     "CRASH", "teardown-crash", "teardown:detach"),
+    ("a detach that never returns is HANG at its stage", PASSED, _td(_step(ok=False, timed_out=True, elapsed=30.0)),
+     "HANG", "teardown-hang", "teardown:detach"),
+    ("a destroy that never returns is HANG", PASSED, _td(_step(), _step("destroy", ok=False, timed_out=True)),
+     "HANG", "teardown-hang", "teardown:destroy"),
+    ("a ring thread left behind is FAIL naming it", PASSED,
+     _td(_step(), _step("destroy"), leftovers=("blkback ring thread blkback.1.xvdb-0 still running",)),
+     "FAIL", "teardown-leftover", "teardown"),
+    ("a backend that refuses to unload is FAIL", PASSED,
+     _td(_step(), _step("unload", ok=False, detail="xen-blkback refuses to unload"),
+         leftovers=("xen-blkback refuses to unload with no disk left: rmmod: ERROR: Module xen_blkback is in use",)),
+     "FAIL", "teardown-leftover", "teardown"),
+    ("losing dom0 while tearing down is the lab's ERROR", PASSED, _td(_step(ok=False, transport_error="EOFError")),
+     "ERROR", "transport", "teardown:detach"),
+    ("a HANG is not taken further (the teardown was skipped)",
+     decide.Verdict("HANG", "workload", "HANG: ...", rule="no-progress"), _td(skipped="the run ended in HANG"),
+     "HANG", "no-progress", "workload"),
+    ("a FAIL with a leftover keeps both reasons", decide.Verdict("FAIL", "workload", "lin1/xvdb: errors", rule="errors"),
+     _td(_step(), leftovers=("backing device lab-lin1-xvdb still held open (1 opener(s))",)),
+     "FAIL", "teardown-leftover", "teardown"),
+]
+
+
+@pytest.mark.parametrize(("before", "td", "verdict", "rule", "stage"), [c[1:] for c in TEARDOWN_CASES],
+                         ids=[c[0] for c in TEARDOWN_CASES])
+def test_after_teardown_table(before: decide.Verdict, td: object, verdict: str, rule: str, stage: str) -> None:
+    v = decide.after_teardown(before, td)
+    assert (v.verdict, v.rule, v.stage) == (verdict, rule, stage), v.summary
+    if verdict == "FAIL" and before.verdict == "FAIL":
+        assert before.summary in v.summary and "teardown" in v.summary

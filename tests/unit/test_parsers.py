@@ -335,3 +335,19 @@ def test_linux_guest_shall_reload_blkfront_with_the_scenario_limits(order: int, 
 def test_os_tables_shall_map_linux() -> None:
     assert type(platforms.dom0_platform("linux")).__name__ == "LinuxPlatform"
     assert isinstance(platforms.guest_platform("linux"), guest.LinuxGuest)
+
+
+def test_teardown_leftovers_shall_name_nodes_threads_and_open_devices() -> None:
+    """`backend_leftovers`' output, constructed in the format its script prints
+    (xenstore-ls -f lines, ps comm names, dmsetup open counts)."""
+    text = ("xs:/local/domain/0/backend/vbd/1/51728/state = \"6\"\n"
+            "xs:/local/domain/0/backend/vbd/1/51728/params = \"/dev/mapper/lab-lin1-xvdb\"\n"
+            "xs:/local/domain/0/backend/vbd/7/51728/state = \"4\"\n"  # another domain: not ours
+            "thread:blkback.1.xvdb-0\n"
+            "open:lab-lin1-xvdb:1\nopen:lab-lin1-xvdc:0\n")
+    assert dom0.parse_leftovers(text, [1]) == [
+        "/local/domain/0/backend/vbd/1/51728 still in xenstore",
+        "blkback ring thread blkback.1.xvdb-0 still running",
+        "backing device lab-lin1-xvdb still held open (1 opener(s)): blkback did not release it",
+    ]
+    assert dom0.parse_leftovers("open:lab-lin1-xvdb:0\n", [1]) == []

@@ -127,6 +127,30 @@ class LinuxDom0(Dom0Base):
                            f"not the one built ({expect_build_id!r})")
         return loaded
 
+    def backend_leftovers(self, domids: list[int], backings: list[Backing]) -> list[str]:
+        """After every disk was detached and every guest destroyed, nothing of the
+        backend may remain: no vbd node in xenstore for those domains, no ring
+        thread (blkback.<domid>.<dev>-<ring>), no backing device still held open.
+        One round trip."""
+        script = (
+            "xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | sed 's/^/xs:/'; "
+            "ps -eo comm= | grep '^blkback\\.' | sed 's/^/thread:/'; "
+            + "".join(f"echo open:{shlex.quote(b.name)}:$(dmsetup info -c --noheadings -o open "
+                      f"{shlex.quote(b.name)} 2>/dev/null); " for b in backings)
+            + "true")
+        out = self.r.run(["sh", "-c", script], timeout=self.timeout).stdout
+        return parse_leftovers(out, domids)
+
+    def unload_backend(self) -> str | None:
+        """Once no disk uses it, xen-blkback must unload; a reference it forgot to
+        drop keeps it in. None when it unloaded (or is built into the kernel)."""
+        res = self.r.run(["sh", "-c", "[ -e /sys/module/xen_blkback/refcnt ] || exit 0; "
+                          "rmmod xen_blkback || { echo \"refcnt $(cat /sys/module/xen_blkback/refcnt)\" >&2; exit 1; }"],
+                         timeout=self.timeout)
+        if res.ok:
+            return None
+        return f"xen-blkback refuses to unload with no disk left: {' '.join(res.stderr.split())[-300:]}"
+
     def mount_boot_disk(self, serial: str, where: str) -> None:
         """The read-only disk with the guests' kernels (cheaper than copying them
         over SSH, whose crypto runs emulated in dom0)."""
@@ -171,3 +195,25 @@ def parse_vbd_sample(values: list[str | None]) -> dict[str, int] | None:
     stats["backing_inflight"] = int(r) + int(w)
     stats["taken"] = stats["rd_req"] + stats["wr_req"] + stats["f_req"] + stats["ds_req"]
     return stats
+
+
+def parse_leftovers(text: str, domids: list[int]) -> list[str]:
+    """`backend_leftovers`' lines (xs:<xenstore-ls line>, thread:<name>,
+    open:<dm name>:<count>) into what a person reads."""
+    out: list[str] = []
+    nodes = set()
+    for line in text.splitlines():
+        kind, _, rest = line.partition(":")
+        if kind == "xs":
+            parts = rest.split(" = ", 1)[0].split("/")
+            # /local/domain/0/backend/vbd/<domid>/<devid>/...
+            if len(parts) > 7 and parts[6].isdigit() and int(parts[6]) in domids:
+                nodes.add("/".join(parts[:8]))
+        elif kind == "thread" and rest.strip():
+            out.append(f"blkback ring thread {rest.strip()} still running")
+        elif kind == "open":
+            name, _, count = rest.rpartition(":")
+            if count.strip().isdigit() and int(count) > 0:
+                out.append(f"backing device {name} still held open ({count.strip()} opener(s)): "
+                           "blkback did not release it")
+    return [f"{n} still in xenstore" for n in sorted(nodes)] + out

@@ -6,6 +6,7 @@ swapped in before the first guest, proven by its ELF build-id."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,15 @@ class LinuxPlatform:
 
     def rules(self, sc: scenario.Scenario, tracks: Sequence[Track], *, final: bool) -> Rules:
         return Rules()  # the common rules (lab/decide.py) are Linux's
+
+    def with_backend_source(self, sc: scenario.Scenario, src: Path) -> scenario.Scenario:
+        """The backend under test is xen-blkback, built from `src` at each step."""
+        if not (src / "drivers" / "block" / "xen-blkback").is_dir():
+            raise LabError("bisect", f"{src}: not a kernel tree with drivers/block/xen-blkback/")
+        return dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(src)))
+
+    def preflight(self, sc: scenario.Scenario) -> None:
+        return None  # everything a Linux dom0 needs comes from Debian's packages, built on demand
 
     def plan(self, sc: scenario.Scenario) -> list[dict[str, Any]]:
         return [{"step": "images", "what": "`lab images build`: mmdebstrap from the host's Debian mirror (cached)"},

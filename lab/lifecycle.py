@@ -1,0 +1,111 @@
+"""Lifecycle operations as faults (`[[faults]]` kinds detach-attach and destroy):
+the toolstack disconnecting and reconnecting the backend while a run is on, where
+blkback's teardown and connect paths are exercised. Each returns an `Outcome`
+(lab/faults.py) that lab/decide.py judges: the operation completed within its
+deadline, nothing of the old connection survived (xenstore nodes, ring threads,
+the backing device held open, a domain Xen still holds), and, for a disk that
+comes back, it connects again."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from lab import scenario
+from lab.boot import L1, Where
+from lab.errors import LabError
+from lab.faults import Outcome
+from lab.guests import DiskFailure, Guest, attach_one
+from lab.scenario import FaultCfg
+from lab.teardown import GONE_SECONDS, STEP_SECONDS, _dying, _gone
+from lab.timing import Deadline
+from lab.xen import VDEV_DEVID, Xl
+
+log = logging.getLogger("lab.lifecycle")
+
+
+class Lifecycle:
+    """Carries out lifecycle faults for one run (called from the fault injector's
+    thread). `gone` names the guests a fault destroyed: the run stops judging
+    their workloads, samplers and disks from then on."""
+
+    def __init__(self, sc: scenario.Scenario, l1: L1, guests: dict[str, Guest], where: Where) -> None:
+        self.sc, self.l1, self.guests, self.where = sc, l1, guests, where
+        self.xl = Xl(l1.dom0, timeout=sc.deadlines.command)
+        self.gone: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, f: FaultCfg) -> Outcome:
+        ops: dict[str, Callable[[FaultCfg], Outcome]] = {"detach-attach": self.detach_attach,
+                                                         "destroy": self.destroy}
+        return ops[f.kind](f)
+
+    def _leftovers(self, domid: int, vdev: str | None, gu: Guest) -> list[str]:
+        """What the platform finds of `domid`'s connections (of one disk, or all)."""
+        backings = [gu.backings[vdev]] if vdev else list(gu.backings.values())
+        found = self.l1.ops.backend_leftovers([domid], backings)
+        if vdev is None:
+            return found
+        devid = str(VDEV_DEVID[vdev])
+        return [x for x in found if f"/{devid} " in x + " " or f".{vdev}-" in x or gu.backings[vdev].name in x]
+
+    def detach_attach(self, f: FaultCfg) -> Outcome:
+        gu = self.guests[f.guest]
+        dom0 = self.l1.dom0
+        node = f"/local/domain/0/backend/vbd/{gu.domid}/{VDEV_DEVID[f.disk]}"
+        for i in range(1, f.count + 1):
+            res = dom0.run(["xl", "block-detach", f.guest, f.disk], timeout=STEP_SECONDS)
+            if res.transport_error:
+                return Outcome(False, transport_error=res.transport_error)
+            if res.timed_out:
+                return Outcome(False, timed_out=True, detail=f"cycle {i}: `xl block-detach {f.guest} {f.disk}` "
+                               f"did not return within {STEP_SECONDS:.0f}s")
+            if not res.ok:
+                return Outcome(False, failed=f"cycle {i}: `xl block-detach {f.guest} {f.disk}` failed: "
+                               f"{res.stderr.strip()[-300:]}")
+            left = [] if _gone(dom0, ["xenstore-exists", node]) else [f"{node} still in xenstore"]
+            left += self._leftovers(gu.domid, f.disk, gu)
+            if left:
+                return Outcome(False, leftovers=tuple(f"cycle {i}, after detach: {x}" for x in left))
+            try:
+                attach_one(self.sc, self.l1, gu, self.xl, self.where, f.disk,
+                           Deadline(self.sc.deadlines.guest_create))
+            except DiskFailure as e:
+                return Outcome(False, failed=f"cycle {i}: re-attach: {e.message}")
+            except LabError as e:
+                return Outcome(False, transport_error=f"cycle {i}: re-attach: {e.message}")
+        return Outcome(True, detail=f"{f.count} detach-attach cycle(s) of {f.guest}/{f.disk}")
+
+    def destroy(self, f: FaultCfg) -> Outcome:
+        """`xl destroy` whatever the guest has in flight; then the guest's every
+        connection must be gone from dom0."""
+        gu = self.guests[f.guest]
+        with self.lock:
+            self.gone.add(f.guest)
+        # its workload's and sampler's channels die with it: close them now rather
+        # than wait for TCP to notice a host that is gone
+        gu.runner.close()
+        t = time.monotonic()
+        res = self.l1.dom0.run(["xl", "destroy", f.guest], timeout=STEP_SECONDS)
+        if res.transport_error:
+            return Outcome(False, transport_error=res.transport_error)
+        if res.timed_out:
+            return Outcome(False, timed_out=True, detail=f"`xl destroy {f.guest}` did not return within "
+                           f"{STEP_SECONDS:.0f}s")
+        if not res.ok:
+            return Outcome(False, failed=f"`xl destroy {f.guest}` failed: {res.stderr.strip()[-300:]}")
+        took = time.monotonic() - t
+        left = [] if _gone(self.l1.dom0, ["xl", "domid", f.guest]) else [f"{f.guest} still listed by xl"]
+        left += _dying(self.l1.dom0, [gu.domid])
+        deadline = Deadline(GONE_SECONDS)
+        while True:  # the backend tears its devices down asynchronously (xenwatch)
+            found = self._leftovers(gu.domid, None, gu)
+            if not found or deadline.expired():
+                break
+            time.sleep(0.5)
+        left += found
+        if left:
+            return Outcome(False, leftovers=tuple(left), detail=f"xl destroy took {took:.1f}s")
+        return Outcome(True, detail=f"xl destroy took {took:.1f}s; nothing of domain {gu.domid} left in dom0")

@@ -1,0 +1,155 @@
+"""The orderly teardown inside L1, before L1 is stopped: where blkback's real bugs
+live (teardown order of persistent grants and the page pool, devices never
+freed, ring threads left running, refcounts that never drop). Every run that
+reached PASS or FAIL ends with it:
+
+    stop workloads -> detach each test disk (xl block-detach) -> destroy each
+    guest -> leftovers: backend nodes in xenstore, ring threads, backing devices
+    still open, domains still dying, the backend refusing to unload
+
+Each step has its own deadline, and after each the Xen console (dom0's too) is
+read for crash signatures. What was seen goes to lab/decide.py's
+`after_teardown`; nothing here decides."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lab import console, scenario
+from lab.boot import L1
+from lab.decide import ConsoleFinding
+from lab.guests import Guest
+from lab.timing import Deadline
+from lab.xen import VDEV_DEVID
+
+log = logging.getLogger("lab.teardown")
+STEP_SECONDS = 30.0  # xl block-detach and destroy take 1-3 s under TCG
+GONE_SECONDS = 15.0  # for xenstore nodes and dying domains to go once a step returned
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # what a person reads: "xl block-detach lin1 xvdb"
+    kind: str  # detach, destroy, unload: the record's stage is teardown:<kind>
+    ok: bool
+    elapsed: float
+    timed_out: bool = False
+    transport_error: str = ""
+    detail: str = ""
+    crash: ConsoleFinding | None = None  # a crash signature that appeared during this step
+
+
+@dataclass
+class Teardown:
+    steps: list[Step] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    skipped: str = ""  # why the teardown did not run
+
+    def as_record(self) -> dict[str, Any]:
+        return {"skipped": self.skipped or None, "leftovers": self.leftovers,
+                "steps": [{k: v for k, v in asdict(s).items() if v not in (None, "", False) or k in ("ok",)}
+                          for s in self.steps]}
+
+
+def skipped(why: str) -> Teardown:
+    return Teardown(skipped=why)
+
+
+class _Crashes:
+    """New crash signatures on the Xen console (dom0's hvc0 is in it) since the
+    teardown began."""
+
+    def __init__(self, con: console.Console) -> None:
+        self.con = con
+        self.start = con.size()
+
+    def new(self) -> ConsoleFinding | None:
+        found = console.find_crash(self.con.read_all()[self.start:])
+        return ConsoleFinding("xen", found[0], found[1]) if found else None
+
+
+def run(sc: scenario.Scenario, l1: L1, guests: list[Guest], *, phases: dict[str, float]) -> Teardown:
+    td = Teardown()
+    crashes = _Crashes(l1.xen_console)
+    dom0 = l1.dom0
+    t0 = time.monotonic()
+
+    def step(name: str, kind: str, argv: list[str]) -> Step:
+        t = time.monotonic()
+        res = dom0.run(argv, timeout=STEP_SECONDS)
+        s = Step(name, kind, res.ok, round(time.monotonic() - t, 2), res.timed_out, res.transport_error,
+                 (res.stderr or res.stdout).strip()[-400:], crashes.new())
+        td.steps.append(s)
+        return s
+
+    def stop() -> bool:
+        """A step that did not complete, or a crash: what follows cannot be judged."""
+        last = td.steps[-1]
+        return bool(last.timed_out or last.transport_error or last.crash)
+
+    for g in guests:  # the workloads already ended for a PASS or FAIL; make sure
+        g.runner.run(["sh", "-c", "pkill -x fio; true"], timeout=10)
+    for g in guests:
+        for vdev in g.vbds:
+            s = step(f"xl block-detach {g.cfg.name} {vdev}", "detach", ["xl", "block-detach", g.cfg.name, vdev])
+            if stop():
+                return _done(td, phases, t0)
+            if s.ok:
+                node = f"/local/domain/0/backend/vbd/{g.domid}/{VDEV_DEVID[vdev]}"
+                if not _gone(dom0, ["xenstore-exists", node]):
+                    td.leftovers.append(f"{node} still in xenstore {GONE_SECONDS:.0f}s after "
+                                        f"`xl block-detach {g.cfg.name} {vdev}` returned")
+    for g in guests:
+        g.runner.close()  # its tunnel through dom0 dies with it
+        step(f"xl destroy {g.cfg.name}", "destroy", ["xl", "destroy", g.cfg.name])
+        if stop():
+            return _done(td, phases, t0)
+        if not _gone(dom0, ["xl", "domid", g.cfg.name]):
+            td.leftovers.append(f"domain {g.domid} ({g.cfg.name}) still listed {GONE_SECONDS:.0f}s after "
+                                "`xl destroy`")
+    td.leftovers += _dying(dom0, [g.domid for g in guests])
+    td.leftovers += l1.ops.backend_leftovers([g.domid for g in guests],
+                                             [b for g in guests for b in g.backings.values()])
+    t = time.monotonic()
+    problem = l1.ops.unload_backend()
+    td.steps.append(Step("unload the backend", "unload", problem is None, round(time.monotonic() - t, 2),
+                         detail=problem or "", crash=crashes.new()))
+    if problem:
+        td.leftovers.append(problem)
+    return _done(td, phases, t0)
+
+
+def _done(td: Teardown, phases: dict[str, float], t0: float) -> Teardown:
+    for s in td.steps:
+        key = f"teardown_{s.kind}"
+        phases[key] = round(phases.get(key, 0.0) + s.elapsed, 2)
+    phases["teardown_l1"] = round(time.monotonic() - t0, 2)
+    return td
+
+
+def _gone(dom0: Any, argv: list[str]) -> bool:
+    """`argv` fails (the thing is gone) within GONE_SECONDS."""
+    dl = Deadline(GONE_SECONDS)
+    while True:
+        res = dom0.run(argv, timeout=10)
+        if res.rc not in (0, -1):
+            return True
+        if dl.expired():
+            return False
+        time.sleep(0.5)
+
+
+def _dying(dom0: Any, domids: list[int]) -> list[str]:
+    """Domains the toolstack no longer lists but Xen still holds (`xl list` shows
+    them as "(null)" while their pages stay mapped: a grant not unmapped)."""
+    dl = Deadline(GONE_SECONDS)
+    while True:
+        out = dom0.run(["xl", "list"], timeout=10).stdout
+        left = [line for line in out.splitlines()[1:] if line.split() and line.split()[1:2]
+                and line.split()[1].isdigit() and int(line.split()[1]) in domids]
+        if not left or dl.expired():
+            return [f"domain {line.split()[1]} still held by Xen after destroy: {line.strip()}" for line in left]
+        time.sleep(0.5)
