@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from lab.errors import ScenarioError
-from lab.scenario import FIO_KEY, FIO_VALUE, WorkloadCfg, fio_extra_problems, text_problem
+from lab.scenario import WorkloadCfg
+from lab.values import FIO_KEY, FIO_VALUE, fio_extra_problems, text_problem
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,9 @@ def fio_job(w: WorkloadCfg, device: str) -> str:
 
     Each line is `key=value`: a newline or an `=` in a key, or anything fio would
     expand or read as a path in a value, could add options (exec_prerun=...) or
-    point fio elsewhere. The loader refuses those (lab/scenario.py); this checks
-    again, since a workload built in code does not pass through the loader."""
+    point fio elsewhere. The loader refuses those (lab/scenario.py, by the rules
+    of lab/values.py); this checks again, since a workload built in code does
+    not pass through the loader."""
     problems = fio_extra_problems(w.extra)
     for kind, value in (("bssplit", w.bssplit), ("fio_size", w.size)):
         if problem := text_problem(value, kind):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import scenario
+from lab import scenario, values
 from lab.errors import LabError, ScenarioError
 from lab.scenario import DiskCfg, GuestCfg, Scenario, WorkloadCfg
 
@@ -41,15 +41,15 @@ def _mutated(path: tuple, value: object) -> dict:
      (" 10 s ", 10), ("15", 15), (0, 0)],
 )
 def test_parse_duration_shall_convert_to_seconds(text: object, seconds: float) -> None:
-    d = scenario.parse_duration(text)
-    assert isinstance(d, scenario.Duration)
+    d = values.parse_duration(text)
+    assert isinstance(d, values.Duration)
     assert d == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", ["abc", "", "5 minutes", "-3s", -1, True, None, [30], "1d"])
 def test_parse_duration_shall_reject_anything_else(text: object) -> None:
     with pytest.raises(ValueError):
-        scenario.parse_duration(text)
+        values.parse_duration(text)
 
 
 @pytest.mark.parametrize(
@@ -58,15 +58,15 @@ def test_parse_duration_shall_reject_anything_else(text: object) -> None:
      ("2g", 2 * GIB), (4096, 4096)],
 )
 def test_parse_size_shall_convert_to_bytes(text: object, size: int) -> None:
-    s = scenario.parse_size(text)
-    assert isinstance(s, scenario.Size)
+    s = values.parse_size(text)
+    assert isinstance(s, values.Size)
     assert s == size
 
 
 @pytest.mark.parametrize("text", ["12Q", "abc", "1.5G", "512", "", 0, -5, True, 1.5, None])
 def test_parse_size_shall_reject_anything_else(text: object) -> None:
     with pytest.raises(ValueError):
-        scenario.parse_size(text)
+        values.parse_size(text)
 
 
 def test_size_mib_shall_be_whole_mebibytes() -> None:
@@ -379,6 +379,6 @@ def test_to_toml_shall_quote_keys_that_are_not_bare(key: str) -> None:
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
 def test_toml_inf_and_nan_shall_not_pass_as_durations(value: float) -> None:
     with pytest.raises(ValueError, match="finite"):
-        scenario.parse_duration(value)
+        values.parse_duration(value)
     with pytest.raises(ScenarioError, match="finite"):
         scenario.from_dict(_mutated(("watchdog", "stall_window"), value), WHERE)
