@@ -12,7 +12,7 @@ import paramiko
 import pytest
 from labdata import DATA
 
-from lab import images
+from lab import images, ramroot
 from lab.errors import LabError
 from lab.images import AptSource
 
@@ -352,7 +352,7 @@ def test_prune_ram_root_shall_drop_docs_and_interpreters_but_keep_what_runs(tmp_
             p.mkdir(exist_ok=True)
         else:
             p.write_bytes(b"12345")
-    freed = images.prune_ram_root(tmp_path)
+    freed = ramroot.prune_ram_root(tmp_path)
     assert freed == 5 * len(drop)
     for rel in keep:
         assert (tmp_path / rel).exists(), rel
@@ -396,20 +396,20 @@ def test_elf_needed_shall_match_readelf_on_a_real_binary() -> None:
     out = subprocess.run(["readelf", "-d", str(HOST_BIN)], capture_output=True, text=True, check=True).stdout
     want = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
     assert want, "readelf shows the NEEDED entries of a dynamic binary"
-    assert images.elf_needed(HOST_BIN.read_bytes())[0] == want
+    assert ramroot.elf_needed(HOST_BIN.read_bytes())[0] == want
 
 
 @pytest.mark.parametrize("data", [b"#!/bin/sh\n", b"", b"\x7fELF\x01\x01" + bytes(60), b"\x7fELF\x02\x01" + bytes(10)])
 def test_elf_needed_of_a_script_or_a_foreign_or_truncated_file_shall_be_empty(data: bytes) -> None:
-    assert images.elf_needed(data) == ([], [])
+    assert ramroot.elf_needed(data) == ([], [])
 
 
 @pytest.mark.skipif(not HOST_BIN.exists(), reason="needs /usr/bin/ls")
 def test_prune_unused_libs_shall_keep_the_closure_of_what_is_left(tmp_path: Path) -> None:
     """A root with one real binary: its libraries (and their soname links) stay,
     a library nothing names goes, and so does its link."""
-    needed, _ = images.elf_needed(HOST_BIN.read_bytes())
-    libdir = tmp_path / images.LIBDIR
+    needed, _ = ramroot.elf_needed(HOST_BIN.read_bytes())
+    libdir = tmp_path / ramroot.LIBDIR
     libdir.mkdir(parents=True)
     (tmp_path / "usr/bin").mkdir(parents=True)
     shutil.copy(HOST_BIN, tmp_path / "usr/bin/ls")
@@ -421,7 +421,7 @@ def test_prune_unused_libs_shall_keep_the_closure_of_what_is_left(tmp_path: Path
     (libdir / "libunused.so.1.2").write_bytes(b"\x7fELF" + bytes(100))
     (libdir / "libunused.so.1").symlink_to("libunused.so.1.2")
     (libdir / "libgcc_s.so.1").write_bytes(b"\x7fELF" + bytes(100))  # dlopened by glibc: kept
-    freed = images.prune_unused_libs(tmp_path)
+    freed = ramroot.prune_unused_libs(tmp_path)
     assert freed == 104
     assert not (libdir / "libunused.so.1").is_symlink() and not (libdir / "libunused.so.1.2").exists()
     assert (libdir / "libgcc_s.so.1").exists()
