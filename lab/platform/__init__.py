@@ -84,6 +84,27 @@ class Rules:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+class Dom0Base:
+    """What every dom0 ops class shares: the runner and one way to run a script."""
+
+    def __init__(self, runner: Runner, *, timeout: float) -> None:
+        self.r = runner
+        self.timeout = timeout
+
+    def sh(self, script: str, *, stage: str, timeout: float | None = None) -> str:
+        return self.r.run(["sh", "-c", script], timeout=timeout or self.timeout).check(stage).stdout
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    """key=value lines (the dom0 ops' fact scripts) into a dict; others skipped."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep and k.strip():
+            out[k.strip()] = v.strip()
+    return out
+
+
 class Dom0Ops(Protocol):
     """Inside a running dom0, over its runner (ssh)."""
 

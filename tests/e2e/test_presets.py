@@ -1,7 +1,7 @@
 """Every preset shall reach the verdict it claims, and each workload preset shall
 show from the backend's statistics, xenstore and in-flight counts that it
-stressed what its name says. `stall` and `io-errors` run in `make test`; the rest
-nightly (`make test-e2e-all`)."""
+stressed what its name says. `stall`, `io-errors` and the two lifecycle presets
+run in `make test`; the rest nightly (`make test-e2e-all`)."""
 
 from __future__ import annotations
 
@@ -133,3 +133,30 @@ def test_light_passes(results: Path) -> None:
     rec = _run("light", results)
     assert rec["verdict"] == "PASS", rec.get("summary")
     assert rec["workloads"][0]["outstanding"] == 1
+
+
+def test_lifecycle_churn_passes_with_every_cycle_clean(results: Path) -> None:
+    """Five detach-attach cycles of an idle disk beside a disk under load shall
+    each complete and leave nothing of the old connection; then the orderly
+    teardown (each disk detached, the guest destroyed, xen-blkback unloaded) too."""
+    rec = _run("lifecycle-churn", results)
+    assert rec["verdict"] == "PASS", rec.get("summary")
+    f = rec["faults"][0]
+    assert f["kind"] == "detach-attach" and f["count"] == 5
+    assert f["outcome"]["ok"] and not f["outcome"]["leftovers"], f
+    assert f["ended_at_s"] > f["started_at_s"]
+    td = rec["teardown"]
+    assert not td["skipped"] and not td["leftovers"]
+    assert [s["kind"] for s in td["steps"]] == ["detach", "detach", "destroy", "unload"], td
+
+
+def test_destroy_under_load_passes_and_leaves_nothing_behind(results: Path) -> None:
+    """The guest destroyed with its ring full against a slow backing device shall
+    leave nothing of its domain in dom0, and the run stops judging its workload."""
+    rec = _run("destroy-under-load", results)
+    assert rec["verdict"] == "PASS", rec.get("summary")
+    f = next(f for f in rec["faults"] if f["kind"] == "destroy")
+    assert f["outcome"]["ok"] and not f["outcome"]["leftovers"], f
+    w = rec["workloads"][0]
+    assert "ended_by" in w and w["peak_inflight_guest"] >= w["ring_capacity"] // 2, w
+    assert rec["teardown"]["steps"][-1]["kind"] == "unload" and rec["teardown"]["steps"][-1]["ok"]

@@ -8,9 +8,8 @@ from __future__ import annotations
 import shlex
 
 from lab.errors import LabError
-from lab.platform import Backing
+from lab.platform import Backing, Dom0Base, parse_key_values
 from lab.platform.freebsd.xbbd import XBBD_SAMPLER, xbbd_stats
-from lab.runner import Runner
 from lab.xen import VbdInfo
 
 # One line per fact, key=value; a missing fact prints an empty value.
@@ -24,26 +23,12 @@ echo "xen=$(sysctl -n hw.hypervisor 2>/dev/null)"
 """
 
 
-def parse_key_values(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        k, sep, v = line.partition("=")
-        if sep and k.strip():
-            out[k.strip()] = v.strip()
-    return out
 
 
-class FreeBsdDom0:
+class FreeBsdDom0(Dom0Base):
     """The Dom0Ops of a FreeBSD dom0."""
 
     os = "freebsd"
-
-    def __init__(self, runner: Runner, *, timeout: float) -> None:
-        self.r = runner
-        self.timeout = timeout
-
-    def sh(self, script: str, *, stage: str, timeout: float | None = None) -> str:
-        return self.r.run(["sh", "-c", script], timeout=timeout or self.timeout).check(stage).stdout
 
     def set_clock(self, epoch: int) -> None:
         self.r.run(["date", "-u", "-f", "%s", str(epoch)], timeout=self.timeout)  # FreeBSD date(1)

@@ -10,26 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.platform import Backing
+from lab.platform import Backing, Dom0Base, parse_key_values
 from lab.platform.linux import faults
-from lab.runner import Runner
 from lab.xen import VbdInfo
 
 # blkback's per-vbd statistics, summed over the vbd's rings (facts/linux-blkback-module.md)
 VBD_STATS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect")
 
 
-
-
-class Dom0Base:
-    """What every dom0 ops class shares: the runner and one way to run a script."""
-
-    def __init__(self, runner: Runner, *, timeout: float) -> None:
-        self.r = runner
-        self.timeout = timeout
-
-    def sh(self, script: str, *, stage: str, timeout: float | None = None) -> str:
-        return self.r.run(["sh", "-c", script], timeout=timeout or self.timeout).check(stage).stdout
 
 
 class LinuxDom0(Dom0Base):
@@ -174,13 +162,6 @@ for p in /sys/module/$m/parameters/*; do echo "param.${p##*/}=$(cat $p)"; done
 """
 
 
-def parse_key_values(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        k, sep, v = line.partition("=")
-        if sep and k.strip():
-            out[k.strip()] = v.strip()
-    return out
 
 
 def parse_vbd_sample(values: list[str | None]) -> dict[str, int] | None:
