@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import shutil
 import struct
 import subprocess
@@ -202,7 +203,9 @@ def pristine_tree(kernel_version: str, runner: LocalRunner | None = None) -> Pat
         run.run(["apt-get", "download", f"{pkg}={kernel_version}"], timeout=900, cwd=dl).check("backend")
         deb = next(dl.glob("*.deb"))
         tarball = f"./usr/src/{pkg}.tar.xz"
-        run.run(["sh", "-c", f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {dl} {tarball}"], timeout=600).check(
+        # quoted: the cache path may hold spaces or shell characters ($LAB_CACHE, $HOME)
+        pipe = f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -x -C {shlex.quote(str(dl))} {tarball}"
+        run.run(["sh", "-c", pipe], timeout=600).check(
             "backend")
         run.run(["tar", "-xJf", str(dl / tarball), "-C", str(dl), "--wildcards", f"{pkg}/{DRIVER_DIR}/*"],
                 timeout=600).check("backend")

@@ -8,7 +8,13 @@ the bisection at once instead of skipping every commit.
 
 Confirm before blaming (OSSTest's rule): the first bad commit is reported only
 after N runs at it all fail and N runs at its parent all pass; otherwise the
-result is "not reproducible". Ctrl-C leaves the repository as it was.
+result is "not reproducible".
+
+Ctrl-C, SIGTERM and SIGHUP leave the repository as it was: `git bisect run` runs
+in its own process group, which is ended (SIGTERM, so the lab step inside tears
+its QEMU down; SIGKILL after a grace) and waited for; then `git bisect reset`,
+and a check that HEAD is back where it was with no BISECT_* state. "Restored" is
+said only when that check passed; otherwise the error says what is left.
 
 What "the backend built from the repository" means is the dom0 platform's to say
 (`with_backend_source`): [backend] source on a Linux dom0 (the default), the dom0
@@ -24,17 +30,21 @@ import json
 import logging
 import math
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lab import report, scenario
-from lab.errors import LabError
+from lab.errors import Interrupted, LabError
+from lab.runner import die_with_parent, end_group, set_parent_death_signal, signals_held
 
 log = logging.getLogger("lab.bisect")
 ABORT = 128  # git bisect run: an exit code >= 128 stops the bisection
+STOP_GRACE_S = 60.0  # a step's own unwinding (QEMU killed, record written) takes seconds
 EARLY_STAGES = ("setup", "scenario", "image", "boot:qemu", "boot:xen", "boot:dom0", "boot:ssh", "boot:save",
                 "boot:restore")
 
@@ -69,23 +79,99 @@ def preflight(sc: scenario.Scenario) -> None:
     dom0_platform(sc.dom0.os).preflight(sc)
 
 
-def _bisect_run(argv: list[str], log_path: Path) -> subprocess.CompletedProcess[str]:
+def _bisect_run(argv: list[str], log_path: Path, stray: list[int]) -> subprocess.CompletedProcess[str]:
     """`git bisect run`, its output kept in `log_path` and shown as it comes: where
     git is in the range ("Bisecting: N revisions left") and each lab step's start
-    and end (a bisect takes minutes per step; silence for ten minutes reads as hung)."""
+    and end (a bisect takes minutes per step; silence for ten minutes reads as hung).
+
+    It runs in its own process group (its own session), and on any exception,
+    Ctrl-C and SIGTERM included, that whole group is ended and waited for before
+    the exception goes on: git, the step, and whatever the step runs in the
+    group. Pids that would not die are put in `stray`."""
+    from lab.pipeline import signals_deferred
+
     shown = ("Bisecting:", "step ", "is the first bad commit", "bisect found")
     lines: list[str] = []
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            logf.write(line)
-            logf.flush()
-            if line.startswith(shown) or " is the first bad commit" in line:
-                print(f"  {line.rstrip()}", flush=True)
-        rc = proc.wait()
+        proc: subprocess.Popen[str] | None = None
+        try:
+            with signals_held():  # a signal while Popen returns is raised once `proc` is bound
+                proc = subprocess.Popen(argv, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_parent())
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                logf.write(line)
+                logf.flush()
+                if line.startswith(shown) or " is the first bad commit" in line:
+                    print(f"  {line.rstrip()}", flush=True)
+            rc = proc.wait()
+        except BaseException:
+            if proc is not None:
+                with signals_deferred():  # a second Ctrl-C must not cut this short
+                    _drain(proc, logf)  # an unread pipe would block the step while it unwinds
+                    stray += end_group(proc, grace=STOP_GRACE_S)
+            raise
     return subprocess.CompletedProcess(argv, rc, "".join(lines), "")
+
+
+def _drain(proc: subprocess.Popen[str], logf: IO[str]) -> None:
+    def copy() -> None:
+        try:
+            for line in proc.stdout or ():
+                logf.write(line)
+        except (OSError, ValueError):
+            pass
+
+    threading.Thread(target=copy, name="bisect-drain", daemon=True).start()
+
+
+def _step_argv(sc: scenario.Scenario, repo: Path, out: Path, accel: str | None) -> list[str]:
+    """What `git bisect run` runs at each commit."""
+    argv = [sys.executable, "-m", "lab.bisect", "step", "--scenario", str(Path(sc.source).resolve()),
+            "--repo", str(repo), "--out", str(out)]
+    return argv + (["--accel", accel] if accel else [])
+
+
+def _left_in(repo: Path, orig: str, *, branch: bool) -> list[str]:
+    """What is not as it was before the bisection: [] when HEAD is `orig` (on
+    that branch if it was one), no BISECT_* file or refs/bisect/ ref exists, no
+    index.lock, and no tracked file is modified. Checked, not assumed."""
+    left: list[str] = []
+    top = git(repo, "rev-parse", "--absolute-git-dir", check=False)
+    if not top:
+        return [f"{repo} cannot be read as a git repository any more"]
+    gitdir = Path(top)
+    state = sorted(p.name for p in gitdir.glob("BISECT_*"))
+    if state:
+        left.append(f"{', '.join(state)} in {gitdir}")
+    refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/bisect/", check=False)
+    if refs:
+        left.append(f"{len(refs.splitlines())} refs under refs/bisect/")
+    if (gitdir / "index.lock").exists():
+        left.append(f"{gitdir / 'index.lock'}")
+    on = git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+    head = git(repo, "rev-parse", "HEAD", check=False)
+    if branch and on != orig:
+        left.append(f"HEAD is {'on ' + on if on else 'detached at ' + head[:12]}, not on branch {orig}")
+    elif not branch and (on or head != orig):
+        left.append(f"HEAD is {'on ' + on if on else head[:12]}, not detached at {orig[:12]}")
+    status = git(repo, "status", "--porcelain", "--untracked-files=no", check=False)
+    if status:
+        left.append(f"modified files: {' '.join(line[3:] for line in status.splitlines()[:5])}")
+    return left
+
+
+def _put_back(repo: Path, orig: str, *, branch: bool, stray: list[int]) -> list[str]:
+    """`git bisect reset` to where the repository was, then what is left (see _left_in)."""
+    left = [f"`git bisect run` processes that would not die: {sorted(set(stray))}"] if stray else []
+    res = subprocess.run(["git", "-C", str(repo), "bisect", "reset", orig], capture_output=True, text=True,
+                         timeout=120)
+    problems = _left_in(repo, orig, branch=branch)
+    if problems and res.returncode != 0:
+        problems.append(f"`git bisect reset {orig}` said: {(res.stderr or res.stdout).strip()[-300:]}")
+    return left + problems
 
 
 def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", accel: str | None = None,
@@ -118,6 +204,19 @@ def run_step(sc: scenario.Scenario, repo: Path, out: Path, *, label: str = "", a
 
 def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, results_root: Path,
            accel: str | None = None) -> dict:
+    """The bisection. SIGTERM and SIGHUP unwind like Ctrl-C (Interrupted); after
+    an interruption the repository is put back and checked: the interruption goes
+    on if it is back as it was, else a LabError says what is left."""
+    from lab.pipeline import signals_as_interrupts
+
+    with signals_as_interrupts():
+        return _bisect(scenario_spec, repo, good, bad, runs=runs, results_root=results_root, accel=accel)
+
+
+def _bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, results_root: Path,
+            accel: str | None) -> dict:
+    from lab.pipeline import signals_deferred
+
     sc = scenario.load(scenario_spec)
     repo = repo.resolve()
     preflight(sc)  # e.g. a FreeBSD dom0 without media: lab run's ERROR, before git is touched
@@ -131,14 +230,14 @@ def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, re
     t0 = time.monotonic()
     result: dict = {"scenario": sc.name, "repo": str(repo), "good": good_sha, "bad": bad_sha, "runs": runs,
                     "first_bad": None, "results_dir": str(out)}
-    orig = git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False) or git(repo, "rev-parse", "HEAD")
+    branch = git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False)
+    orig = branch or git(repo, "rev-parse", "HEAD")
+    stray: list[int] = []
+    failed: BaseException | None = None
     try:
         git(repo, "bisect", "start", bad_sha, good_sha)
-        argv = [sys.executable, "-m", "lab.bisect", "step", "--scenario", str(Path(sc.source).resolve()),
-                "--repo", str(repo), "--out", str(out)]
-        if accel:
-            argv += ["--accel", accel]
-        proc = _bisect_run(["git", "-C", str(repo), "bisect", "run", *argv], out / "git-bisect-run.log")
+        proc = _bisect_run(["git", "-C", str(repo), "bisect", "run", *_step_argv(sc, repo, out, accel)],
+                           out / "git-bisect-run.log", stray)
         steps = _steps(out)
         if steps and steps[-1]["code"] == ABORT:
             result["reason"] = f"the lab cannot get to the backend stage: {steps[-1]['summary']}"
@@ -149,11 +248,26 @@ def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, re
             else:
                 result["candidate"] = first
                 result.update(_confirm(sc, repo, first, runs, out, accel))
+    except BaseException as e:
+        failed = e
+        raise
     finally:
-        git(repo, "bisect", "reset", orig, check=False)
-        result["steps"] = _steps(out)
-        result["total_s"] = round(time.monotonic() - t0, 1)
-        report.write_record(out / "bisect.json", result)
+        with signals_deferred():  # the repository is put back even through a second Ctrl-C
+            left = _put_back(repo, orig, branch=bool(branch), stray=stray)
+            where = f"branch {orig}" if branch else f"{orig[:12]} (detached)"
+            result["repository"] = (f"restored: on {where}, no BISECT_* state" if not left
+                                    else f"NOT restored: {'; '.join(left)}")
+            result["steps"] = _steps(out)
+            result["total_s"] = round(time.monotonic() - t0, 1)
+            report.write_record(out / "bisect.json", result)
+        _write_html(out)
+        if left and isinstance(failed, (KeyboardInterrupt, Interrupted)):
+            why = "Ctrl-C" if isinstance(failed, KeyboardInterrupt) else str(failed)
+            raise LabError("bisect", f"interrupted ({why}); the repository is NOT restored: {'; '.join(left)} "
+                           f"(`git -C {shlex.quote(str(repo))} bisect reset {shlex.quote(orig)}` by hand); "
+                           f"results so far in {out}") from failed
+        if left and failed is not None:
+            print(f"lab bisect: the repository is NOT restored: {'; '.join(left)}", file=sys.stderr)
     return result
 
 
@@ -258,6 +372,8 @@ def summary_lines(res: dict) -> list[str]:
                      "at its parent)")
     else:
         lines.append(f"no first bad commit: {res.get('reason')}")
+    if res.get("repository"):
+        lines.append(f"repository: {res['repository']}")
     lines.append(f"results: {res['results_dir']}/bisect.json")
     return lines
 
@@ -274,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # refused channels while a guest boots
+    # `git bisect run` killed (its `lab bisect` was): unwind as for SIGTERM, QEMU goes too
+    set_parent_death_signal(signal.SIGTERM)
     try:
         sc = scenario.load(args.scenario)
         return run_step(sc, args.repo.resolve(), args.out, accel=args.accel)["code"]
@@ -286,3 +404,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _write_html(out: Path) -> None:
+    """The bisect's page (its steps, each step's report, culprit vs parent); a
+    page that cannot be drawn never changes the result."""
+    from lab import html
+
+    try:
+        html.write_report(out)
+    except Exception as e:
+        log.warning("bisect report.html not written: %s: %s", type(e).__name__, e)

@@ -54,6 +54,7 @@ class Where:
     work: Path
     cmdlog: CommandLog
     l0: LocalRunner
+    keep: bool = False  # --keep: L1 may outlive the lab process (no parent-death signal)
 
 
 def slots(sc: scenario.Scenario, media: Media) -> list[l1state.Slot]:
@@ -123,8 +124,7 @@ def start_qemu(spec: qemu.VmSpec, where: Where, stack: contextlib.ExitStack) -> 
     for attempt in (1, 2):  # the port may be taken between choosing and binding it
         (where.results / "qemu-argv.json").write_text(json.dumps(qemu.build_argv(spec), indent=1) + "\n")
         try:
-            vm = qemu.start(spec, where.results / "qemu-stderr.log")
-            stack.callback(vm.stop)
+            vm = qemu.start(spec, where.results / "qemu-stderr.log", owner=stack, die_with_lab=not where.keep)  # owned before it returns
             write_owner(where, qemu_pid=vm.pid)
             return vm, spec
         except LabError as e:
@@ -199,7 +199,7 @@ def _restore(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where:
     spec = platform.vm_spec(sc, media, accel=media.accel, drives=drives(disks, slots_, boot),
                             console_log=where.results / "console-xen.log",
                             qmp_sock=qmp_path(where.work, socket_dirs), ssh_port=qemu.free_port(),
-                            extra=["-incoming", f"exec:cat {state.file}"])
+                            extra=["-incoming", l1state.load_uri(state.file)])
     vm, spec = start_qemu(spec, where, stack)
     rec.update(start="restored", state=str(state.dir))
     rec["load_s"] = round(l1state.wait_restored(vm, timeout=120), 2)

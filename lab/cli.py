@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lab import images, report, scenario
 from lab.errors import Interrupted, LabError, ScenarioError
+from lab.orphans import lab_qemu_problem as _lab_qemu_problem
 
 SKIP = 125  # `git bisect run`: this commit cannot be tested
 
@@ -374,27 +375,6 @@ def _lab_json(lab: Path, stage: str) -> tuple[dict, Path, list[str]]:
         if rd is None or rd.parent != tmp or not rd.name.startswith("lab-qmp-"):
             raise bad("socket_dirs", f"holds {d!r}, not a lab-qmp-* directory under /tmp")
     return info, real, sorted({work, str(real)})
-
-
-def _lab_qemu_problem(pid: int, works: list[str]) -> str | None:
-    """Why process `pid` is not the QEMU of the lab whose work directory is one of
-    `works`, or None if it is. A pid alone proves nothing (pids are reused): the
-    process must be qemu-system-x86_64 with that work directory's files on its
-    command line."""
-    from lab import qemu
-
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return f"process {pid} is gone"
-    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-    shown = shlex.join(argv)
-    shown = shown if len(shown) <= 120 else shown[:117] + "..."
-    if not argv or Path(argv[0]).name != qemu.QEMU:
-        return f"process {pid} is not {qemu.QEMU} (its command line: {shown!r})"
-    if not any(a.startswith(f"{w}/") or f"={w}/" in a or f":{w}/" in a for a in argv for w in works):
-        return f"process {pid} is a QEMU that uses no file of {works[0]} (another lab's, or not a lab's)"
-    return None
 
 
 def _kept(lab: Path) -> dict:

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lab import cache as lab_cache
 from lab import console, images, qemu
 from lab.errors import LabError
 from lab.timing import Deadline
@@ -52,7 +53,14 @@ def kvm_works(xen: Path, kernel: Path, initrd: Path) -> tuple[bool, str]:
         pass
     ok, why = _probe(xen, kernel, initrd)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "ok": ok, "why": why, "at": time.time()}))
+    # aside, then renamed: a run reading the answer while another writes it sees
+    # a whole file (a torn one would read as "no answer" and probe again)
+    tmp = lab_cache.aside(cache)
+    try:
+        tmp.write_text(json.dumps({"key": key, "ok": ok, "why": why, "at": time.time()}))
+        tmp.replace(cache)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ok, why
 
 

@@ -24,8 +24,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -71,10 +71,31 @@ def _file_id(p: Path) -> str:
                 h.update(chunk)
         known[k] = h.hexdigest()
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(memo)
+        # aside under a unique name (runs and threads race for the memo), then renamed:
+        # a reader sees the old memo or the new one, never half of one. A lost
+        # update only costs a hash later.
+        tmp = cache.aside(memo)
+        try:
+            tmp.write_text(json.dumps(known))
+            tmp.replace(memo)
+        finally:
+            tmp.unlink(missing_ok=True)
     return known[k]
+
+
+def save_uri(path: Path) -> str:
+    """The QMP `migrate` URI that writes L1's state to `path`. QEMU runs an exec:
+    URI with `/bin/sh -c`, so the path is quoted: a space or a `$` in LAB_CACHE or
+    HOME is part of the name, never a word break or an expansion. (An fd: URI
+    would avoid the shell, but it needs the descriptor passed with SCM_RIGHTS on
+    the QMP connection that then migrates; the lab's QMP client opens one
+    connection per command.)"""
+    return f"exec:cat > {shlex.quote(str(path))}"
+
+
+def load_uri(path: Path) -> str:
+    """`-incoming`'s URI that reads the state saved at `path` (quoted as save_uri)."""
+    return f"exec:cat {shlex.quote(str(path))}"
 
 
 def key_inputs(spec: qemu.VmSpec, slots: list[Slot]) -> dict:
@@ -172,7 +193,7 @@ def save(vm: qemu.Vm, state: State, slots: list[Slot], work: Path, *, inputs: di
         for i, s in enumerate(slots):
             vm.qmp("blockdev-snapshot-sync", device=f"d{i}",
                    **{"snapshot-file": str(work / f"{s.name}.qcow2"), "format": "qcow2"})
-        vm.qmp("migrate", uri=f"exec:cat > {state.file}")
+        vm.qmp("migrate", uri=save_uri(state.file))
 
         def done() -> bool | None:
             st = vm.qmp("query-migrate")

@@ -291,6 +291,15 @@ def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> 
     return out
 
 
+def _observed(tr: Track, until: float) -> dict[str, Any]:
+    g = [p for p in tr.guest_pts if p.t <= until]
+    if len(g) < 2 or g[-1].t <= g[0].t:
+        return {"samples": len(g)}
+    return {"samples": len(g), "completed": g[-1].completed - g[0].completed,
+            "completions_per_s": round((g[-1].completed - g[0].completed) / (g[-1].t - g[0].t), 1),
+            "inflight_at_end": g[-1].inflight, "seconds": round(g[-1].t - g[0].t, 1)}
+
+
 def _workload_entry(j: Job, parsed: IoResult | str | None, until: float) -> dict[str, Any]:
     w, tr = j.cfg, j.track
     during = [p for p in tr.backend_pts if p.t <= until]
@@ -298,6 +307,8 @@ def _workload_entry(j: Job, parsed: IoResult | str | None, until: float) -> dict
         "guest": w.guest, "disk": w.disk, "tool": w.tool, "outstanding": w.iodepth * w.numjobs,
         "ring_capacity": tr.ring_capacity,
         "result": parsed.as_dict() if isinstance(parsed, IoResult) else None,
+        # what the counters saw, whether or not the tool left a result (a HANG, a CRASH)
+        "observed": _observed(tr, until),
         "peak_inflight_guest": peak(p.inflight for p in tr.guest_pts),
         "peak_inflight_backing": peak(p.backing_inflight for p in tr.backend_pts),
         "longest_completion_gap_s": longest_gap(tr),

@@ -54,20 +54,13 @@ def runs_dir() -> Path:
     return images.cache_dir() / "runs"
 
 
-def clean_stale_runs() -> list[str]:
-    """Work directories of runs whose lab process and QEMU are both gone (killed
-    with SIGKILL, power cut): remove them. Kept labs stay while their QEMU runs."""
-    removed = []
-    for d in runs_dir().glob("run-*"):
-        try:
-            owner = json.loads((d / "owner.json").read_text())
-        except (OSError, ValueError):
-            owner = {}
-        pids = [p for p in (owner.get("pid"), owner.get("qemu_pid")) if p]
-        if not any(Path(f"/proc/{p}").exists() for p in pids):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(str(d))
-    return removed
+def clean_stale_runs() -> dict[str, list[Any]]:
+    """Runs whose lab process is gone (killed with SIGKILL, power cut): end the
+    QEMU each left (only one proven to be that run's) and remove the work
+    directory (lab/orphans.py). Kept labs stay until `lab down`."""
+    from lab import orphans
+
+    return orphans.sweep_runs(runs_dir())
 
 
 @contextlib.contextmanager
@@ -126,13 +119,14 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
     t_start = time.monotonic()
     results = _results_dir(sc, opts)
     rec: dict[str, Any] = {"scenario": sc.name, "verdict": "ERROR", "stage": "setup", "summary": "",
-                           "phases": {}, "results_dir": str(results), "started_utc": report.utc_stamp()}
+                           "schema_version": report.SCHEMA_VERSION, "phases": {}, "results_dir": str(results),
+                           "started_utc": report.utc_stamp(), "host": report.host_facts()}
     (results / "scenario.toml").write_text(scenario.to_toml(sc))
     cmdlog = CommandLog(results / "commands.log")
     runs_dir().mkdir(parents=True, exist_ok=True)
-    clean_stale_runs()
+    rec["swept"] = clean_stale_runs()
     work = Path(tempfile.mkdtemp(prefix=f"run-{report.utc_stamp()}-", dir=runs_dir()))
-    where = Where(results, work, cmdlog, LocalRunner(cmdlog))
+    where = Where(results, work, cmdlog, LocalRunner(cmdlog), keep=opts.keep)
     progress = ["setup"]  # the stage reached, for errors raised outside a LabError
     phases = _Phases(rec["phases"], opts.progress)
     platform = dom0_platform(sc.dom0.os)
@@ -162,12 +156,16 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                     l1 = up(sc, platform, media, where, infra, cold=opts.cold, progress=progress, deadline=run_dl)
                 rec.update(l1=l1.record, boot=l1.boot,
                            qemu={"pid": l1.vm.pid, "version": _qemu_version(), "ssh_port": l1.spec.ssh_port})
+                rec["host"]["qemu"] = rec["qemu"]["version"]
                 progress[0] = "backend"
                 with phases("backend"):
                     dom0 = l1.dom0
                     rec["backend"] = platform.install_backend(BackendCtx(
                         sc, media, l1.ops, where.l0, results,
                         put=lambda local, remote: dom0.put_file(local, remote, timeout=60)))
+                # KernelCI's names for what is under test: which tree, which commit
+                b = rec["backend"]
+                rec["kernelci"] = {"tree": b.get("source") or b.get("kind"), "commit": b.get("commit")}
                 with phases("guests"):
                     started = guests.start(sc, l1, media, where, phases=rec["phases"], progress=progress,
                                            deadline=run_dl)

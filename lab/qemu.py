@@ -3,7 +3,8 @@
 The command line is a list built by small pure functions, one per concern
 (machine, accelerator + CPU, kernel + modules, drives, network, serial, monitor),
 each tested with a table of cases. `Vm` owns the process: it is started in its own
-process group and killed with it, whatever happens."""
+process group and killed with it, whatever happens: Ctrl-C, SIGTERM or SIGHUP
+while it starts (`start`), or the lab's own death (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.runner import kill_group
+from lab.runner import die_with_parent, kill_group, signals_held
 
 log = logging.getLogger("lab.qemu")
 QEMU = "qemu-system-x86_64"
@@ -205,15 +207,22 @@ class Qmp:
 class Vm:
     """A running QEMU. `stop()` kills its whole process group; safe to call twice."""
 
-    def __init__(self, spec: VmSpec, argv: list[str], stderr_path: Path) -> None:
+    def __init__(self, spec: VmSpec, argv: list[str], stderr_path: Path, *, die_with_lab: bool = True) -> None:
         self.spec = spec
         self.argv = argv
         self.stderr_path = stderr_path
         self._stderr = open(stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
-            start_new_session=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+                start_new_session=True,  # a deadline kills its group
+                # and the lab's death kills it (no orphan TCG guest), unless it is
+                # to outlive the run (--keep: the user asked for a lab left up)
+                preexec_fn=die_with_parent() if die_with_lab else None,
+            )
+        except BaseException:
+            self._stderr.close()
+            raise
         self.started = time.monotonic()
         log.info("QEMU pid %d, ssh on 127.0.0.1:%d", self.proc.pid, spec.ssh_port)
 
@@ -259,18 +268,31 @@ class Vm:
             self.spec.qmp_sock.unlink(missing_ok=True)
 
 
-def start(spec: VmSpec, stderr_path: Path) -> Vm:
+def start(spec: VmSpec, stderr_path: Path, *, owner: ExitStack | None = None, die_with_lab: bool = True) -> Vm:
+    """Start QEMU and check it did not exit at once. There is no moment in which a
+    started QEMU is nobody's: a signal that arrives while Popen returns is held
+    until `vm` is bound and `owner` (the caller's exit stack) has `vm.stop`; one
+    that arrives during the start check stops QEMU here before it propagates."""
     argv = build_argv(spec)
-    vm = Vm(spec, argv, stderr_path)
-    # QEMU fails at once on a bad argument or a taken port; say so now.
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline and vm.alive():
-        time.sleep(0.1)
-    if not vm.alive():
-        tail = vm.stderr_tail()
-        vm.stop()
-        raise LabError("boot:qemu", f"QEMU exited at once (rc {vm.proc.returncode})", tail=tail)
-    return vm
+    vm: Vm | None = None
+    try:
+        with signals_held():
+            vm = Vm(spec, argv, stderr_path, die_with_lab=die_with_lab)
+            if owner is not None:
+                owner.callback(vm.stop)
+        # QEMU fails at once on a bad argument or a taken port; say so now.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline and vm.alive():
+            time.sleep(0.1)
+        if not vm.alive():
+            tail = vm.stderr_tail()
+            vm.stop()
+            raise LabError("boot:qemu", f"QEMU exited at once (rc {vm.proc.returncode})", tail=tail)
+        return vm
+    except BaseException:
+        if vm is not None:
+            vm.stop()  # safe twice: the owner's callback finds it stopped
+        raise
 
 
 def kvm_usable_quick() -> str | None:

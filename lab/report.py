@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -22,18 +23,35 @@ def utc_stamp(t: float | None = None) -> str:
 
 
 def make_results_dir(root: Path, scenario: str) -> Path:
-    d = root / scenario / utc_stamp()
+    """results/<scenario>/<stamp>, or <stamp>-2, -3... when runs start in the same
+    second. mkdir(exist_ok=False) is the claim: of runs racing for one name exactly
+    one creates it, the others take the next suffix (checking exists() first let
+    two runs both see a name free and one of them fail)."""
+    parent = root / scenario
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = utc_stamp()
     n = 1
-    while d.exists():  # two runs in the same second
-        n += 1
-        d = root / scenario / f"{utc_stamp()}-{n}"
-    d.mkdir(parents=True)
-    latest = root / "latest"
-    tmp = root / f".latest.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(d.relative_to(root))
-    tmp.replace(latest)
+    while True:
+        d = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            d.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    point_latest(root, d)
     return d
+
+
+def point_latest(root: Path, d: Path) -> None:
+    """results/latest -> `d` (relative), replaced atomically: a symlink made aside
+    under a name unique to this process and call, then renamed over `latest`."""
+    latest = root / "latest"
+    tmp = root / f".latest.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        tmp.symlink_to(d.relative_to(root))
+        tmp.replace(latest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 CSV_FIELDS = [
@@ -84,14 +102,52 @@ def summary_lines(rec: dict) -> list[str]:
     elif rec.get("summary"):
         out.append("  " + rec["summary"])
     for w in rec.get("workloads", []):
-        r = w.get("result") or {}
-        out.append(
-            f"  {w['guest']}/{w['disk']}: {r.get('iops', 0):.0f} IOPS, p99 {r.get('clat_p99_ms', 0)} ms, "
-            f"errors {r.get('errors', '?')}; ring {w.get('ring_capacity')} vs peak in flight "
-            f"guest {w.get('peak_inflight_guest')} / backing {w.get('peak_inflight_backing')}"
-        )
+        r = w.get("result")
+        ring = (f"ring {w.get('ring_capacity')} vs peak in flight guest {w.get('peak_inflight_guest')} / "
+                f"backing {w.get('peak_inflight_backing')}")
+        if r:
+            what = f"{r.get('iops', 0):.0f} IOPS, p99 {r.get('clat_p99_ms', 0)} ms, errors {r.get('errors', '?')}"
+        else:
+            # no tool result (a HANG, a CRASH, a destroyed guest): say what the counters saw
+            o = w.get("observed") or {}
+            what = (f"no workload result; counters saw {o['completions_per_s']:.0f} completions/s over "
+                    f"{o['seconds']:.0f}s, {o['inflight_at_end']} in flight at the end"
+                    if "completions_per_s" in o else "no workload result and no samples")
+        out.append(f"  {w['guest']}/{w['disk']}: {what}; {ring}")
     phases = rec.get("phases", {})
     if phases:
         out.append("  phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
     out.append(f"  results: {rec.get('results_dir')}")
     return out
+
+
+SCHEMA_VERSION = 2  # record.json's layout: 2 = verdict rule, teardown, observed counters, host facts
+
+
+def host_facts() -> dict[str, str | int]:
+    """What makes nightly runs comparable over time: the host's kernel, CPU and
+    core count, and the lab's own version and commit."""
+    import platform
+    import subprocess
+
+    from lab import __file__ as lab_init
+
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(lab_init).parent), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    try:
+        from importlib.metadata import version
+
+        lab_version = version("xen-blklab")
+    except Exception:
+        lab_version = "unknown"
+    return {"kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count() or 0,
+            "lab_version": lab_version, "lab_commit": commit or "unknown"}

@@ -6,14 +6,18 @@ a failed run can be replayed by hand."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -101,7 +105,8 @@ class LocalRunner:
             text=True,
             cwd=cwd,
             env={**os.environ, **env} if env else None,
-            start_new_session=True,
+            start_new_session=True,  # a deadline kills the whole tree
+            preexec_fn=die_with_parent(),  # and so does the lab's death (SIGKILL included)
         )
         timed_out = False
         try:
@@ -131,3 +136,120 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         pass
     except PermissionError:
         pass
+
+
+# ------------------------------------------------------------ children die with the lab
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    # unsigned long arguments, as the kernel reads them (a bare int would leave the upper half unset)
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get `sig` when the lab dies, SIGKILL
+    included (PR_SET_PDEATHSIG). The lab starts QEMU and its tools in their own
+    session (so a deadline can kill the group), which also means nothing else
+    would end them when `lab` is killed. None where prctl does not exist.
+
+    subprocess warns that preexec_fn is unsafe with threads: the child is a fork
+    of a threaded process and could deadlock on a lock another thread held at the
+    fork. This function takes none: a ctypes call resolved before the fork, and
+    os.getppid/os.kill (no import, no logging, no I/O). The kernel ties the death
+    signal to the *thread* that forked: the lab starts its children from the
+    thread that waits for them (LocalRunner.run) or from the main thread (QEMU)."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the lab died before prctl: no signal would come
+            os.kill(os.getpid(), sig)
+
+    return child
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """This process gets `sig` when its parent dies (a `lab bisect` step: when
+    `git bisect run` is killed, the step unwinds and its QEMU goes with it)."""
+    return _PRCTL is not None and _PRCTL(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+
+
+HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a child is started and its owner
+    recorded; a signal that came meanwhile is raised again at the end of the block
+    (with the handlers it would have met), where the caller's `except` owns the
+    child. A signal mask would do the same for this thread, but a signal can
+    still be taken by another thread and its Python handler still runs in the
+    main thread; and a blocked mask is inherited by the child across exec.
+    Main thread only (elsewhere Python never runs signal handlers): a no-op there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in HELD}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])  # Python runs the restored handler before this returns
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`, from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state ppid pgrp ...
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            out.append(int(d.name))
+    return out
+
+
+def end_group(proc: subprocess.Popen, *, grace: float = 60) -> list[int]:
+    """End the process group led by `proc` (started with start_new_session):
+    SIGTERM, so a lab step inside unwinds and tears its QEMU down; after `grace`
+    seconds SIGKILL. Waits for `proc` and for every member of the group; returns
+    the pids still alive after all that (none, unless the kernel could not kill)."""
+    pgid = proc.pid
+    kill_group(pgid, signal.SIGTERM)
+    for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if sig == signal.SIGKILL:
+            kill_group(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)
+            if proc.poll() is not None and not group_members(pgid):
+                return []
+    proc.poll()
+    return group_members(pgid)
