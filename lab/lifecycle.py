@@ -18,6 +18,7 @@ from lab.boot import L1, Where
 from lab.errors import LabError
 from lab.faults import Outcome
 from lab.guests import DiskFailure, Guest, attach_one
+from lab.runner import Runner
 from lab.scenario import FaultCfg
 from lab.teardown import GONE_SECONDS, STEP_SECONDS, _dying, _gone
 from lab.timing import Deadline
@@ -56,15 +57,9 @@ class Lifecycle:
         dom0 = self.l1.dom0
         node = f"/local/domain/0/backend/vbd/{gu.domid}/{VDEV_DEVID[f.disk]}"
         for i in range(1, f.count + 1):
-            res = dom0.run(["xl", "block-detach", f.guest, f.disk], timeout=STEP_SECONDS)
-            if res.transport_error:
-                return Outcome(False, transport_error=res.transport_error)
-            if res.timed_out:
-                return Outcome(False, timed_out=True, detail=f"cycle {i}: `xl block-detach {f.guest} {f.disk}` "
-                               f"did not return within {STEP_SECONDS:.0f}s")
-            if not res.ok:
-                return Outcome(False, failed=f"cycle {i}: `xl block-detach {f.guest} {f.disk}` failed: "
-                               f"{res.stderr.strip()[-300:]}")
+            bad = _step(dom0, ["xl", "block-detach", f.guest, f.disk], f"cycle {i}: ")
+            if bad is not None:
+                return bad
             left = [] if _gone(dom0, ["xenstore-exists", node]) else [f"{node} still in xenstore"]
             left += self._leftovers(gu.domid, f.disk, gu)
             if left:
@@ -88,14 +83,9 @@ class Lifecycle:
         # than wait for TCP to notice a host that is gone
         gu.runner.close()
         t = time.monotonic()
-        res = self.l1.dom0.run(["xl", "destroy", f.guest], timeout=STEP_SECONDS)
-        if res.transport_error:
-            return Outcome(False, transport_error=res.transport_error)
-        if res.timed_out:
-            return Outcome(False, timed_out=True, detail=f"`xl destroy {f.guest}` did not return within "
-                           f"{STEP_SECONDS:.0f}s")
-        if not res.ok:
-            return Outcome(False, failed=f"`xl destroy {f.guest}` failed: {res.stderr.strip()[-300:]}")
+        bad = _step(self.l1.dom0, ["xl", "destroy", f.guest])
+        if bad is not None:
+            return bad
         took = time.monotonic() - t
         left = [] if _gone(self.l1.dom0, ["xl", "domid", f.guest]) else [f"{f.guest} still listed by xl"]
         left += _dying(self.l1.dom0, [gu.domid])
@@ -109,3 +99,17 @@ class Lifecycle:
         if left:
             return Outcome(False, leftovers=tuple(left), detail=f"xl destroy took {took:.1f}s")
         return Outcome(True, detail=f"xl destroy took {took:.1f}s; nothing of domain {gu.domid} left in dom0")
+
+
+def _step(dom0: Runner, argv: list[str], prefix: str = "") -> Outcome | None:
+    """One toolstack step under its deadline: None when it succeeded, else the
+    Outcome that says how it did not (lost transport, no return, refused)."""
+    res = dom0.run(argv, timeout=STEP_SECONDS)
+    what = f"{prefix}`{' '.join(argv)}`"
+    if res.transport_error:
+        return Outcome(False, transport_error=res.transport_error)
+    if res.timed_out:
+        return Outcome(False, timed_out=True, detail=f"{what} did not return within {STEP_SECONDS:.0f}s")
+    if not res.ok:
+        return Outcome(False, failed=f"{what} failed: {res.stderr.strip()[-300:]}")
+    return None
