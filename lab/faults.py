@@ -95,6 +95,7 @@ class Injector(threading.Thread):
         self.records = [FaultRecord(f, float(f.at)) for f in sorted(faults, key=lambda f: f.at)]
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
+        self._ops: list[threading.Thread] = []  # lifecycle operations under way
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -128,15 +129,13 @@ class Injector(threading.Thread):
         t = rec.requested_at = self.now()
         log.info("fault %s on %s/%s at %.1fs", f.kind, f.guest, f.disk, t)
         if f.kind in LIFECYCLE_KINDS:
-            # in force while it runs; it ends when the operation and its checks did
+            # in force while it runs, in a thread of its own: its checks wait for
+            # the backend (seconds), and the schedule must go on meanwhile (a stall
+            # it overlaps must still be released on time)
             rec.started_at = self.now()
-            try:
-                assert self.lifecycle is not None, "no lifecycle operations in this run"
-                rec.outcome = self.lifecycle(f)
-            except Exception as e:  # the lab's failure, not the backend's
-                rec.outcome = Outcome(False, transport_error=f"{type(e).__name__}: {e}")
-            rec.ended_at = self.now()
-            log.info("fault %s ended at %.1fs: %s", f.kind, rec.ended_at, rec.outcome)
+            op = threading.Thread(target=self._lifecycle_op, args=(rec,), name=f"fault-{f.kind}", daemon=True)
+            self._ops.append(op)
+            op.start()
             return
         if f.kind == "pause-l1":
             try:
@@ -153,6 +152,22 @@ class Injector(threading.Thread):
             rec.started_at = self.now()
         else:
             rec.error = res.stderr.strip()[-300:] or f"rc {res.rc}"
+
+    def _lifecycle_op(self, rec: FaultRecord) -> None:
+        try:
+            assert self.lifecycle is not None, "no lifecycle operations in this run"
+            rec.outcome = self.lifecycle(rec.cfg)
+        except Exception as e:  # the lab's failure, not the backend's
+            rec.outcome = Outcome(False, transport_error=f"{type(e).__name__}: {e}")
+        rec.ended_at = self.now()
+        log.info("fault %s ended at %.1fs: %s", rec.cfg.kind, rec.ended_at, rec.outcome)
+
+    def wait(self, timeout: float) -> None:
+        """The schedule and every lifecycle operation done, or `timeout` passed."""
+        end = time.monotonic() + timeout
+        self.join(max(0.0, end - time.monotonic()))
+        for op in list(self._ops):
+            op.join(max(0.0, end - time.monotonic()))
 
     def _release(self, rec: FaultRecord) -> None:
         f = rec.cfg

@@ -161,7 +161,7 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
     if verdict is None and injector is not None:
         # a lifecycle operation still running (a churn outlasting the workload) is
         # part of the experiment: its outcome is judged, within the run's deadline
-        injector.join(timeout=max(0.0, end_by.remaining()))
+        injector.wait(timeout=max(0.0, end_by.remaining()))
     if status is not None:
         status.done()
     fio_s = round(time.monotonic() - t0, 2)

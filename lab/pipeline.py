@@ -262,9 +262,10 @@ def _teardown(sc: scenario.Scenario, l1: L1, started: list[guests.Guest], v: dec
         try:
             gone = outcome.gone if outcome is not None else set()
             td = teardown.run(sc, l1, [g for g in started if g.cfg.name not in gone], phases=rec["phases"])
-        except LabError as e:
-            td = teardown.Teardown(steps=[teardown.Step(f"teardown: {e.message}", "lab", False, 0.0,
-                                                        transport_error=e.message)])
+        except Exception as e:  # the lab's own failure while tearing down: ERROR, never a verdict
+            why = e.message if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
+            td = teardown.Teardown(steps=[teardown.Step(f"teardown: {why}", "lab", False, 0.0,
+                                                        transport_error=why)])
     rec["teardown"] = td.as_record()
     return td
 
