@@ -148,6 +148,8 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 with phases("images"):
                     media = platform.media(sc, l0=where.l0, results=results, work=work,
                                            accel=opts.accel or sc.lab.accel)
+                for d in media.scratch:
+                    infra.callback(shutil.rmtree, d, ignore_errors=True)
                 rec.update(images=media.record, accel=media.accel, accel_reason=media.accel_reason)
                 # one deadline for the rest of the run, each phase takes its slice
                 run_dl = Deadline(run_budget(sc))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from labdata import DATA, FakeRunner, csv_rows, sample_values
@@ -351,3 +352,25 @@ def test_teardown_leftovers_shall_name_nodes_threads_and_open_devices() -> None:
         "backing device lab-lin1-xvdb still held open (1 opener(s)): blkback did not release it",
     ]
     assert dom0.parse_leftovers("open:lab-lin1-xvdb:0\n", [1]) == []
+
+
+def test_boot_files_under_a_path_with_a_space_shall_be_linked_from_one_without(tmp_path: Path) -> None:
+    """QEMU's -initrd cannot say a module path with a space; a LAB_CACHE with one
+    gets its Xen, kernel and initrd linked from a private directory."""
+    from lab.platform.linux.platform import space_free
+
+    spaced = tmp_path / "lab cache $x"
+    spaced.mkdir()
+    files = [spaced / n for n in ("xen", "vmlinuz", "initrd.img")]
+    for f in files:
+        f.write_bytes(f.name.encode())
+    d = space_free(*files)
+    try:
+        assert d is not None and " " not in str(d)
+        assert [(d / n).read_bytes() for n in ("xen", "vmlinuz", "initrd.img")] == [b"xen", b"vmlinuz", b"initrd.img"]
+    finally:
+        if d is not None:
+            import shutil
+
+            shutil.rmtree(d)
+    assert space_free(*(tmp_path / n for n in ("a", "b", "c"))) is None

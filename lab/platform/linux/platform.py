@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,19 @@ from lab.platform import BackendCtx, BootStep, Media, Rules
 from lab.platform.linux.dom0 import LinuxDom0
 from lab.runner import LocalRunner, Runner
 from lab.watchdog import Track
+
+
+def space_free(xen: Path, kernel: Path, initrd: Path) -> Path | None:
+    """QEMU's -initrd takes "<module> <its command line>,<module>...": a module path
+    with whitespace in it (a LAB_CACHE or HOME with a space) cannot be said there,
+    nor escaped. Then link the three files from a short private directory and boot
+    those (the saved-state key hashes contents, not paths). None when not needed."""
+    if not any(any(c.isspace() for c in str(p)) for p in (xen, kernel, initrd)):
+        return None
+    d = Path(tempfile.mkdtemp(prefix="lab-boot-", dir="/tmp"))
+    for src, name in ((xen, "xen"), (kernel, "vmlinuz"), (initrd, "initrd.img")):
+        (d / name).symlink_to(src.resolve())
+    return d
 
 
 class LinuxPlatform:
@@ -43,10 +57,13 @@ class LinuxPlatform:
             "xen_version": m.get("packages", {}).get("xen-hypervisor-4.17-amd64"),
             "kernel_version": m.get("packages", {}).get(f"linux-image-{m.get('kernel_abi')}"),
         }
-        boot = {"xen": xen, "kernel": kernel, "initrd": initrd, "image": dom0_img}
+        links = space_free(xen, kernel, initrd)
+        if links:
+            xen, kernel, initrd = (links / "xen", links / "vmlinuz", links / "initrd.img")
         chosen, why = self._accel(accel, xen, kernel, initrd)
+        boot = {"xen": xen, "kernel": kernel, "initrd": initrd, "image": dom0_img}
         return Media(dom0_root=(dom0_img.root, "raw"), guest=guest_img, keys=keys, record=record,
-                     accel=chosen, accel_reason=why, private=boot)
+                     accel=chosen, accel_reason=why, private=boot, scratch=(links,) if links else ())
 
     @staticmethod
     def _accel(requested: str, xen: Path, kernel: Path, initrd: Path) -> tuple[str, str]:
