@@ -5,7 +5,10 @@ package as the `xen_blklab` plugin).
         rec = lab_run("ring-saturation", backend="~/src/linux")
         assert rec["verdict"] == "PASS", rec["summary"]
 
-Options: --lab-results DIR (default results/pytest), --lab-accel auto|kvm|tcg."""
+Options: --lab-results DIR (default results/pytest), --lab-accel auto|kvm|tcg.
+Each run's verdict, summary, results directory and report.html go into the
+test's report (its user_properties: pytest's JUnit shows them as properties), so
+a CI page links every failed test to its evidence."""
 
 from __future__ import annotations
 
@@ -37,7 +40,16 @@ def lab_run(request: pytest.FixtureRequest) -> Callable[..., dict]:
         if backend:
             src = str(Path(backend).expanduser().resolve())
             sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=src))
-        return pipeline.run(sc, pipeline.Options(results_root=Path(request.config.getoption("--lab-results")),
-                                                 accel=request.config.getoption("--lab-accel"), cold=cold))
+        rec = pipeline.run(sc, pipeline.Options(results_root=Path(request.config.getoption("--lab-results")),
+                                                accel=request.config.getoption("--lab-accel"), cold=cold))
+        n = sum(1 for k, _ in request.node.user_properties if k == "lab_verdict")
+        suffix = f"_{n + 1}" if n else ""
+        d = Path(rec.get("results_dir", ""))
+        request.node.user_properties += [
+            (f"lab_verdict{suffix}", rec.get("verdict")), (f"lab_summary{suffix}", rec.get("summary")),
+            (f"lab_results{suffix}", str(d)), (f"lab_report{suffix}", str(d / "report.html")),
+            (f"lab_accel{suffix}", rec.get("accel")),
+        ]
+        return rec
 
     return run
