@@ -107,6 +107,7 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
     lock = threading.Lock()
     t0 = time.monotonic()
     samplers = _start_samplers(sc, l1, guests, tracks, where, t0, lock)
+
     def stop_samplers() -> None:
         for s in samplers:
             s.stop()
