@@ -33,12 +33,11 @@ from lab.platform.freebsd.steps import (
     Dom0Image,
     Step,
     VmJob,
+    build_cidata,
     check,
-    make_cidata,
     plan,
     put_built,
     qcow2_check,
-    stage_cidata,
 )
 from lab.platform.freebsd.vm import (
     FREEBSD_KERNEL,
@@ -122,10 +121,8 @@ def kernel_steps(k: KernelBuild, job: VmJob) -> list[Step]:
             check(job.runner, tar, "backend", timeout=1800)
 
     def cidata() -> None:
-        stage_cidata(w / "cidata", user_data=build_user_data(script), instance_id=f"lab-build-{k.kid}",
+        build_cidata(w / "cidata", iso, job.runner, user_data=build_user_data(script), instance_id=f"lab-build-{k.kid}",
                      files=[(p, f"patches/{n}") for p, n in zip(k.patches, names, strict=True)])
-        make_cidata(w / "cidata", iso, job.runner)
-        shutil.rmtree(w / "cidata")
 
     def build() -> None:
         state["milestones"] = run_vm("kernel-build", spec, job.results, milestones, stage="backend")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,11 +31,10 @@ from lab.platform.freebsd.steps import (
     Dom0Image,
     Step,
     VmJob,
-    make_cidata,
+    build_cidata,
     plan,
     put_built,
     qcow2_check,
-    stage_cidata,
 )
 from lab.platform.freebsd.vm import (
     FREEBSD_KERNEL,
@@ -79,11 +77,9 @@ def provision_steps(p: Provision, job: VmJob) -> list[Step]:
     state: dict[str, Any] = {"t0": time.monotonic()}
 
     def cidata() -> None:
-        stage_cidata(w / "cidata", user_data=p.user_data, instance_id=p.instance_id,
+        build_cidata(w / "cidata", iso, job.runner, user_data=p.user_data, instance_id=p.instance_id,
                      files=[(path, f"{CIDATA_PACKAGES}/{pkg.filename}") for pkg, path in p.pkgs],
                      texts={f"{CIDATA_PACKAGES}/ORDER": package_order([pkg for pkg, _ in p.pkgs])})
-        make_cidata(w / "cidata", iso, job.runner)
-        shutil.rmtree(w / "cidata")
 
     def provision() -> None:
         state["milestones"] = run_vm("provision", spec, job.results, milestones, stage="image")

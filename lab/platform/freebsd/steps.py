@@ -97,6 +97,14 @@ def make_cidata(staging: Path, iso: Path, runner: Runner) -> None:
         raise LabError("image", f"genisoimage could not make the config disk: {res.stderr.strip()[-400:]}")
 
 
+def build_cidata(staging: Path, iso: Path, runner: Runner, *, user_data: str, instance_id: str,
+                 files: Sequence[tuple[Path, str]] = (), texts: Mapping[str, str] | None = None) -> None:
+    """The config disk (cidata ISO) from its files, the staging directory removed."""
+    stage_cidata(staging, user_data=user_data, instance_id=instance_id, files=files, texts=texts)
+    make_cidata(staging, iso, runner)
+    shutil.rmtree(staging)
+
+
 def put_built(final: Path, make: Callable[[Path], Sequence[Step]], *, runner: Runner, stage: str) -> Path:
     """The cache entry `final` (a directory), built by the steps `make(work)`
     gives for lab.cache's work directory: the build steps, then the verify ones,
