@@ -105,6 +105,7 @@ class Observations:
     findings: Sequence[Finding] = ()  # the dom0 platform's rules
     faults: Sequence[FaultObs] = ()
     workload_deadline_passed: bool = False
+    gone: tuple[str, ...] = ()  # guests a lifecycle fault destroyed: not judged after it
     t_end: float | None = None  # when the workloads ended (final decision only)
     expect_errors: bool = False  # the scenario expects I/O errors (an `error` fault)
 
@@ -328,7 +329,13 @@ def decide(obs: Observations, cfg: Config) -> Verdict:
             if not (tr.guest_pts and tr.guest_pts[-1].completed > tr.guest_pts[0].completed)]
     if idle:
         return Verdict("FAIL", "workload", f"no I/O completed on {', '.join(idle)}", drain=dr, rule="no-io")
-    return Verdict("PASS", "done", "all workloads finished, progressed and drained", drain=dr, rule="pass")
+    summary = "all workloads finished, progressed and drained"
+    if obs.gone:
+        summary = (f"{', '.join(obs.gone)} destroyed by a lifecycle fault as planned (not judged after it); "
+                   f"every other workload finished, progressed and drained" if obs.tracks
+                   else f"{', '.join(obs.gone)} destroyed by a lifecycle fault as planned, after progressing; "
+                   "nothing of it left behind")
+    return Verdict("PASS", "done", summary, drain=dr, rule="pass")
 
 
 # Stages from which a crash on a console is the system under test's: the backend

@@ -246,7 +246,7 @@ def _snapshot(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, jobs: Seque
         vm_alive=l1.vm.alive(), vm_rc=l1.vm.proc.returncode, dom0_probe_ok=watch.probe_ok,
         console_silent_s=now - watch.console_moved_t, findings=rules.findings,
         faults=[_fault_obs(r) for r in (injector.records if injector else [])],
-        workload_deadline_passed=end_by.expired(), t_end=t_end,
+        workload_deadline_passed=end_by.expired(), t_end=t_end, gone=tuple(sorted(watch.gone)),
     )
 
 

@@ -159,6 +159,9 @@ CASES = [
     Case("error: the lab failed carrying out a lifecycle operation",
          live(faults=[FaultObs("destroy", 15.0, ended=True, ok=False, target="lin1", transport_error="EOFError")]),
          "ERROR", "fault-lab", 125, final=False),
+    Case("pass: the destroyed guest is not judged after its planned destroy",
+         final(tracks=[], workloads=[], gone=("lin1",),
+               faults=[FaultObs("destroy", 15.0, ended=True, ok=True, target="lin1")]), "PASS", "pass", 0),
     Case("interrupted stays error whatever the consoles show",
          final(lab_failures=[LabFailure("workload", "interrupted (Ctrl-C)")]), "ERROR", "lab-failure", 125,
          consoles=[CRASH_LINE], interrupted=True),
@@ -258,3 +261,10 @@ def test_after_teardown_table(before: decide.Verdict, td: object, verdict: str, 
     assert (v.verdict, v.rule, v.stage) == (verdict, rule, stage), v.summary
     if verdict == "FAIL" and before.verdict == "FAIL":
         assert before.summary in v.summary and "teardown" in v.summary
+
+
+def test_a_pass_after_a_planned_destroy_says_so() -> None:
+    v = decide.decide(final(tracks=[], workloads=[], gone=("lin1",)), CFG)
+    assert v.verdict == "PASS" and "lin1 destroyed by a lifecycle fault as planned" in v.summary
+    v = decide.decide(final(), CFG)
+    assert v.summary == "all workloads finished, progressed and drained"
