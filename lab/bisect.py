@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from lab import report, scenario
 from lab.errors import Interrupted, LabError
-from lab.runner import die_with_parent, end_group, set_parent_death_signal, signals_held
+from lab.runner import die_with_parent, end_group, set_parent_death_signal, signals_deferred, signals_held
 
 log = logging.getLogger("lab.bisect")
 ABORT = 128  # git bisect run: an exit code >= 128 stops the bisection
@@ -88,7 +88,6 @@ def _bisect_run(argv: list[str], log_path: Path, stray: list[int]) -> subprocess
     Ctrl-C and SIGTERM included, that whole group is ended and waited for before
     the exception goes on: git, the step, and whatever the step runs in the
     group. Pids that would not die are put in `stray`."""
-    from lab.pipeline import signals_deferred
 
     shown = ("Bisecting:", "step ", "is the first bad commit", "bisect found")
     lines: list[str] = []
@@ -215,7 +214,6 @@ def bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, re
 
 def _bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, results_root: Path,
             accel: str | None) -> dict:
-    from lab.pipeline import signals_deferred
 
     sc = scenario.load(scenario_spec)
     repo = repo.resolve()

@@ -33,7 +33,7 @@ from lab.errors import Interrupted, LabError
 from lab.platform import BackendCtx
 from lab.platforms import dom0_platform
 from lab.progress import Progress
-from lab.runner import CommandLog, LocalRunner
+from lab.runner import CommandLog, LocalRunner, signals_deferred
 from lab.timing import Deadline
 
 log = logging.getLogger("lab.run")
@@ -74,21 +74,6 @@ def signals_as_interrupts() -> Iterator[None]:
         raise Interrupted(f"signal {signal.Signals(signum).name}")
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """A second Ctrl-C must not cut teardown short and leak QEMU or overlays."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
     try:
         yield
     finally:

@@ -193,30 +193,45 @@ HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
+def _handlers(handler: Callable[[int, object], None] | int) -> Iterator[None]:
+    """HELD's handlers replaced by `handler` for the block, restored after it.
+    Main thread only (elsewhere Python never runs signal handlers): a no-op there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in HELD}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold Ctrl-C, SIGTERM and SIGHUP while a child is started and its owner
     recorded; a signal that came meanwhile is raised again at the end of the block
     (with the handlers it would have met), where the caller's `except` owns the
     child. A signal mask would do the same for this thread, but a signal can
     still be taken by another thread and its Python handler still runs in the
-    main thread; and a blocked mask is inherited by the child across exec.
-    Main thread only (elsewhere Python never runs signal handlers): a no-op there."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    main thread; and a blocked mask is inherited by the child across exec."""
     got: list[int] = []
 
     def hold(signum: int, frame: object) -> None:
         got.append(signum)
 
-    old = {s: signal.signal(s, hold) for s in HELD}
-    try:
+    with _handlers(hold):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if got:
-            signal.raise_signal(got[0])  # Python runs the restored handler before this returns
+    if got:
+        signal.raise_signal(got[0])  # Python runs the restored handler before this returns
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP for the block: a second Ctrl-C must not
+    cut a teardown short and leak QEMU, overlays or a repository mid-bisect."""
+    with _handlers(signal.SIG_IGN):
+        yield
 
 
 def group_members(pgid: int) -> list[int]:
