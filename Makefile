@@ -42,9 +42,13 @@ test-unit: venv
 test-e2e: deps venv images
 	$(VENV)/bin/lab run default
 
-# Nightly: every preset and the benchmarks.
+# Nightly: every preset and the benchmarks. JOBS=N runs N labs at once (pytest-xdist,
+# one test file per worker: see tests/e2e/conftest.py); only where each lab has a
+# core and ~2 GiB RAM to itself, under KVM (README, "Parallel labs").
+JOBS =
+XDIST := $(if $(JOBS),-n $(JOBS) --dist loadfile)
 test-e2e-all: deps venv images
-	$(PY) -m pytest tests/e2e -v --junitxml=results/junit-e2e-all.xml
+	$(PY) -m pytest tests/e2e -v $(XDIST) --junitxml=results/junit-e2e-all.xml
 	$(MAKE) bench
 
 # Benchmarks print JSON on stdout: warm start and per-phase times, then hang detection.

@@ -16,10 +16,9 @@ from blkback_series import make_series  # noqa: E402
 from lab import (  # noqa: E402
     bisect,
     images,
-    pipeline,  # noqa: E402
-    scenario,
 )
 from lab.backend import pristine_tree  # noqa: E402
+from lab.pytest_plugin import LabRun  # noqa: E402
 
 
 def _pristine() -> Path:
@@ -51,7 +50,8 @@ def test_bisect_names_the_commit_that_broke_io(results: Path, tmp_path: Path) ->
 
 
 @pytest.mark.nightly
-def test_bad_commit_hangs_only_under_saturation_and_others_pass(results: Path, tmp_path: Path) -> None:
+def test_bad_commit_hangs_only_under_saturation_and_others_pass(results: Path, tmp_path: Path,
+                                                                  lab_run: LabRun) -> None:
     """The full demonstration: five commits, the third bad. Every commit under
     ring-saturation and light: the bad one HANGs under saturation (oo_req climbing)
     and PASSes light; every other commit PASSes both. Then `lab bisect --runs 2`."""
@@ -61,11 +61,7 @@ def test_bad_commit_hangs_only_under_saturation_and_others_pass(results: Path, t
     for i, sha in enumerate(shas):
         subprocess.run(["git", "-C", str(repo), "checkout", "-q", sha], check=True)
         for name in ("ring-saturation", "light"):
-            sc = scenario.load(name)
-            import dataclasses
-
-            sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(repo)))
-            rec = pipeline.run(sc, pipeline.Options(results_root=results / "demo"))
+            rec = lab_run(name, backend=str(repo))
             table[(i, name)] = (rec["verdict"], [w.get("oo_req") for w in rec.get("workloads", [])])
     subprocess.run(["git", "-C", str(repo), "checkout", "-q", "main"], check=True)
     print(json.dumps({f"{i}:{n}": v for (i, n), v in table.items()}, indent=1))

@@ -7,8 +7,13 @@ import threading
 import time
 from pathlib import Path
 
-from lab import pipeline, scenario
+from lab import scenario
 from lab.observe import Started
+from lab.pytest_plugin import LabRun
+
+# The restored runs need the state the cold run saves, so they follow it here;
+# under xdist, `--dist loadfile` (make test-e2e-all JOBS=N) keeps this file on one
+# worker, in this order.
 
 
 def _check_default_pass(rec: dict, sc: scenario.Scenario) -> None:
@@ -32,29 +37,29 @@ def _check_default_pass(rec: dict, sc: scenario.Scenario) -> None:
     assert scenario.load(d / "scenario.toml").workloads == sc.workloads
 
 
-def test_default_scenario_passes_on_a_cold_booted_l1(results: Path) -> None:
+def test_default_scenario_passes_on_a_cold_booted_l1(lab_run: LabRun) -> None:
     """`default` shall PASS on a cold-booted L1: fio ran with 4x the ring
     outstanding against the dom0 kernel's blkback (vbd, not qdisk), counters
     moved, and everything drained. A cold boot saves an L1 state if none matches."""
     sc = scenario.load("default")
-    rec = pipeline.run(sc, pipeline.Options(results_root=results, cold=True))
+    rec = lab_run(sc, cold=True)
     _check_default_pass(rec, sc)
     assert rec["l1"]["start"] == "cold"
     assert rec["boot"]["xen_banner"] < rec["boot"]["dom0_kernel"] < rec["boot"]["dom0_ssh"]
 
 
-def test_default_scenario_passes_on_a_restored_l1(results: Path) -> None:
+def test_default_scenario_passes_on_a_restored_l1(lab_run: LabRun) -> None:
     """The same scenario shall PASS on an L1 restored from the saved state (the
     record must say `restored`: a silent fallback to a cold boot fails this)."""
     sc = scenario.load("default")
-    rec = pipeline.run(sc, pipeline.Options(results_root=results))
+    rec = lab_run(sc)
     _check_default_pass(rec, sc)
     assert rec["l1"]["start"] == "restored", rec["l1"]
     assert "restore_failed" not in rec["l1"]
     assert rec["l1"]["dom0_ready_s"] < 15
 
 
-def test_suspended_backing_device_is_a_hang(results: Path) -> None:
+def test_suspended_backing_device_is_a_hang(lab_run: LabRun) -> None:
     """Negative control, on a restored L1: the test itself suspends the guest
     disk's dm device in dom0 mid-workload. The verdict shall be HANG, decided
     within the stall window plus one sampling interval plus an SSH round trip of
@@ -76,7 +81,7 @@ def test_suspended_backing_device_is_a_hang(results: Path) -> None:
         run.cleanup(lambda: run.dom0.run(["dmsetup", "resume", "--noudevsync", dm], timeout=30))
         threading.Thread(target=suspend, daemon=True).start()
 
-    rec = pipeline.run(sc, pipeline.Options(results_root=results, on_workload_started=workload_started))
+    rec = lab_run(sc, on_workload_started=workload_started)
     assert suspended.get("ok"), suspended
     assert rec["verdict"] == "HANG", json.dumps(rec, indent=1)[:4000]
     assert rec["exit_code"] == 2

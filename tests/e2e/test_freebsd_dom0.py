@@ -10,14 +10,34 @@ from pathlib import Path
 
 import pytest
 
-from lab import images, pipeline, scenario
+from lab import images, scenario
 from lab.platform.freebsd import kernel
 from lab.platform.freebsd.kernel import ensure_kernel
 from lab.platform.freebsd.media import freebsd_version, missing_media
 from lab.platform.freebsd.provision import Dom0Image
+from lab.pytest_plugin import LabRun
+
+# These share the FreeBSD cache directory and look for their own provisioning VM
+# among the host's processes; under xdist, `--dist loadfile` keeps them on one worker.
 
 
-def test_freebsd_dom0(results: Path) -> None:
+def _runs_dirs() -> set[Path]:
+    """Work directories in the lab's runs directory but those of other processes'
+    labs (other xdist workers', someone's `lab run`): a run's owner.json names it."""
+    import json
+
+    mine = set()
+    for d in (images.cache_dir() / "runs").glob("run-*"):
+        try:
+            pid = json.loads((d / "owner.json").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            pid = os.getpid()  # no owner yet: counted, so a leak is never missed
+        if pid == os.getpid():
+            mine.add(d)
+    return mine
+
+
+def test_freebsd_dom0(lab_run: LabRun) -> None:
     sc = scenario.load("freebsd-dom0")
     version, how = freebsd_version(sc)
     missing = missing_media(image_file=sc.freebsd.image or None, packages_dir=sc.freebsd.packages or None,
@@ -25,14 +45,14 @@ def test_freebsd_dom0(results: Path) -> None:
     if missing and os.environ.get("LAB_REQUIRE_FREEBSD") != "1":
         pytest.skip("FreeBSD media missing: " + "; ".join(missing))
     t = time.monotonic()
-    rec = pipeline.run(sc, pipeline.Options(results_root=results))
+    rec = lab_run(sc)
     if missing:
         pytest.fail(f"LAB_REQUIRE_FREEBSD=1 and media missing: {rec.get('error')}")
     assert rec["verdict"] == "PASS", rec.get("error") or rec.get("summary")
     del t
 
 
-def test_missing_media_is_a_fast_clear_error_that_leaves_nothing(results: Path) -> None:
+def test_missing_media_is_a_fast_clear_error_that_leaves_nothing(lab_run: LabRun) -> None:
     """Without media the run shall be an ERROR at stage `image` within seconds,
     naming each missing medium and the [freebsd] key that supplies it, with no
     QEMU started and no work directory left."""
@@ -40,14 +60,14 @@ def test_missing_media_is_a_fast_clear_error_that_leaves_nothing(results: Path) 
     version, _ = freebsd_version(sc)
     if not missing_media(image_file=None, packages_dir=None, cache_dir=images.cache_dir(), version=version):
         pytest.skip("FreeBSD media are available here")
-    before = set((images.cache_dir() / "runs").glob("run-*"))
+    before = _runs_dirs()
     t = time.monotonic()
-    rec = pipeline.run(sc, pipeline.Options(results_root=results))
+    rec = lab_run(sc)
     assert time.monotonic() - t < 30
     assert rec["verdict"] == "ERROR" and rec["stage"] == "image" and rec["exit_code"] == 4
     assert "[freebsd] image" in rec["error"] and "[freebsd] packages" in rec["error"]
     assert "qemu" not in rec
-    assert set((images.cache_dir() / "runs").glob("run-*")) <= before
+    assert _runs_dirs() <= before
 
 
 def _stand_in_release(d: Path) -> Path:
@@ -66,7 +86,7 @@ def _stand_in_release(d: Path) -> Path:
     return d / f"{name}.xz"
 
 
-def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_path: Path) -> None:
+def test_provisioning_runs_for_real_up_to_the_missing_loader(lab_run: LabRun, tmp_path: Path) -> None:
     """With stand-in media (a blank disk as the image, the constructed package
     repository of tests/data with real checksums) a FreeBSD-dom0 run does every
     real step it can here: verify and unpack the image into the cache, resolve and
@@ -86,11 +106,11 @@ def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
         sc, freebsd=dataclasses.replace(sc.freebsd, version="14.3", image=str(img), packages=str(repo)),
         deadlines=dataclasses.replace(sc.deadlines, xen_banner=scenario.Duration(15)))
     cache = images.cache_dir() / "freebsd"
-    runs_before = set((images.cache_dir() / "runs").glob("run-*"))
+    runs_before = _runs_dirs()
     unpacked = cache / "14.3-amd64" / img.with_suffix("").name
     t = time.monotonic()
     try:
-        rec = pipeline.run(sc, pipeline.Options(results_root=results, accel="tcg"))
+        rec = lab_run(sc, accel="tcg")
         took = time.monotonic() - t
         assert unpacked.is_file() and unpacked.stat().st_mode & 0o222 == 0  # unpacked read-only into the cache
     finally:
@@ -111,7 +131,7 @@ def test_provisioning_runs_for_real_up_to_the_missing_loader(results: Path, tmp_
     left = list(cache.glob("dom0/.*"))
     assert not [p for p in left if not p.name.endswith(".lock")] and not list(cache.glob("dom0/*/dom0.qcow2"))
     assert all(p.stat().st_size == 0 for p in left)
-    assert set((images.cache_dir() / "runs").glob("run-*")) <= runs_before
+    assert _runs_dirs() <= runs_before
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps and "provision.qcow2" not in ps
     assert {p: p.stat().st_mtime_ns for p in img.parent.iterdir()} == before

@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from blkback_series import make_series  # noqa: E402
 
-from lab import bisect, cli, images, pipeline, scenario  # noqa: E402
+from lab import bisect, cli, images  # noqa: E402
 from lab.backend import LinuxBackendBuilder, pristine_tree  # noqa: E402
 from lab.observe import Started  # noqa: E402
+from lab.pytest_plugin import LabRun  # noqa: E402
 
 OOPS_C = """#include <linux/module.h>
 #include <linux/bug.h>
@@ -60,7 +61,7 @@ def _oops_module(tmp: Path) -> Path:
     return tmp / "lab_oops.ko"
 
 
-def test_a_guest_oops_on_an_otherwise_passing_run_is_crash(results: Path, tmp_path: Path) -> None:
+def test_a_guest_oops_on_an_otherwise_passing_run_is_crash(lab_run: LabRun, tmp_path: Path) -> None:
     """A BUG() in the guest kernel 10 s into fio (a module whose init hits it; the
     guest and fio keep running): the verdict shall be CRASH, naming the guest's
     console and the BUG line, although every workload finished and drained."""
@@ -76,7 +77,7 @@ def test_a_guest_oops_on_an_otherwise_passing_run_is_crash(results: Path, tmp_pa
 
         _after(10, oops)
 
-    rec = pipeline.run(scenario.load("default"), pipeline.Options(results_root=results, on_workload_started=hook))
+    rec = lab_run("default", on_workload_started=hook)
     assert "insmod" in done, done
     assert rec["verdict"] == "CRASH", json.dumps(rec, indent=1)[:3000]
     assert rec["exit_code"] == 3 and rec["bisect_code"] == 1
@@ -86,25 +87,25 @@ def test_a_guest_oops_on_an_otherwise_passing_run_is_crash(results: Path, tmp_pa
 
 
 @pytest.mark.nightly
-def test_the_guest_sampler_killed_mid_workload_is_error_not_hang(results: Path) -> None:
+def test_the_guest_sampler_killed_mid_workload_is_error_not_hang(lab_run: LabRun) -> None:
     def hook(run: Started) -> None:
         g = run.guests["lin1"].runner
         _after(8, lambda: g.run(["sh", "-c", "kill $(pidof -x lab-sample)"], timeout=30))
 
-    rec = pipeline.run(scenario.load("default"), pipeline.Options(results_root=results, on_workload_started=hook))
+    rec = lab_run("default", on_workload_started=hook)
     assert rec["verdict"] == "ERROR", json.dumps(rec, indent=1)[:3000]
     assert rec["bisect_code"] == 125 and rec["rule"] == "sampler-died", rec["summary"]
     assert "lin1" in rec["summary"]
 
 
 @pytest.mark.nightly
-def test_dom0s_ssh_transport_dropped_mid_fio_is_error_not_fail(results: Path) -> None:
+def test_dom0s_ssh_transport_dropped_mid_fio_is_error_not_fail(lab_run: LabRun) -> None:
     """dom0's sshd session processes killed inside dom0: every channel of the lab
     (dom0's sampler, the guests' tunnels, fio's) drops at once."""
     def hook(run: Started) -> None:
         _after(8, lambda: run.dom0.run(["sh", "-c", "pkill -f 'sshd: root@'"], timeout=30))
 
-    rec = pipeline.run(scenario.load("default"), pipeline.Options(results_root=results, on_workload_started=hook))
+    rec = lab_run("default", on_workload_started=hook)
     assert rec["verdict"] == "ERROR", json.dumps(rec, indent=1)[:3000]
     assert rec["bisect_code"] == 125 and rec["rule"] in ("sampler-died", "transport"), rec["summary"]
 
@@ -119,17 +120,14 @@ def test_an_unknown_preset_with_bisect_exit_is_skip() -> None:
 
 
 @pytest.mark.nightly
-def test_a_backend_that_refuses_the_test_disk_is_fail_and_bisect_names_it(results: Path, tmp_path: Path) -> None:
+def test_a_backend_that_refuses_the_test_disk_is_fail_and_bisect_names_it(results: Path, tmp_path: Path,
+                                                                          lab_run: LabRun) -> None:
     m = images.ensure_image("linux-dom0").manifest
     repo = tmp_path / "blkback"
     shas = make_series(repo, pristine_tree(m["packages"][f"linux-image-{m['kernel_abi']}"]), bad_at=2, total=3,
                        bug="refuse")
     subprocess.run(["git", "-C", str(repo), "checkout", "-q", shas[2]], check=True)
-    sc = scenario.load("default")
-    import dataclasses
-
-    sc = dataclasses.replace(sc, backend=dataclasses.replace(sc.backend, source=str(repo)))
-    rec = pipeline.run(sc, pipeline.Options(results_root=results))
+    rec = lab_run("default", backend=str(repo))
     subprocess.run(["git", "-C", str(repo), "checkout", "-q", "main"], check=True)
     assert rec["verdict"] == "FAIL", json.dumps(rec, indent=1)[:3000]
     assert rec["stage"] == "guest:attach" and "lin1/xvdb" in rec["summary"], rec["summary"]

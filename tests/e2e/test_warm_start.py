@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import l1state, pipeline, scenario
+from lab import l1state, scenario
+from lab.pytest_plugin import LabRun
 
 pytestmark = pytest.mark.nightly
 
@@ -28,15 +29,15 @@ def _variant(tmp_path: Path, extra_cmdline: str) -> Path:
     return p
 
 
-def test_changed_input_means_cold_boot_and_new_state(results: Path, tmp_path: Path) -> None:
+def test_changed_input_means_cold_boot_and_new_state(lab_run: LabRun, tmp_path: Path) -> None:
     """A different dom0 command line shall not restore the default's state: the
     record shows a cold boot and a new state, which the next run restores."""
     sc = scenario.load(_variant(tmp_path, f"lab.nonce={secrets.token_hex(4)}"))
-    rec = pipeline.run(sc, pipeline.Options(results_root=results))
+    rec = lab_run(sc)
     try:
         assert rec["verdict"] == "PASS", rec.get("summary")
         assert rec["l1"]["start"] == "cold" and rec["l1"]["state_kept"]
-        rec2 = pipeline.run(sc, pipeline.Options(results_root=results))
+        rec2 = lab_run(sc)
         assert rec2["verdict"] == "PASS"
         assert rec2["l1"]["start"] == "restored" and rec2["l1"]["key"] == rec["l1"]["key"]
     finally:
