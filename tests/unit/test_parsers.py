@@ -340,15 +340,18 @@ def test_os_tables_shall_map_linux() -> None:
 
 def test_teardown_leftovers_shall_name_nodes_threads_and_open_devices() -> None:
     """`backend_leftovers`' output, constructed in the format its script prints
-    (xenstore-ls -f lines, ps comm names, dmsetup open counts)."""
+    (xenstore-ls -f lines, ps comm names, dmsetup open counts). The ring thread's
+    name is as `ps -eo comm=` printed it in a real dom0 (lab ssh dom0 of a kept
+    ring-reconnect run, 2026-11-30: `1.xvdb-0`, among `vif1.0-q0-guest-rx`,
+    `kdmflush/253:0` and the like, which must not count)."""
     text = ("xs:/local/domain/0/backend/vbd/1/51728/state = \"6\"\n"
             "xs:/local/domain/0/backend/vbd/1/51728/params = \"/dev/mapper/lab-lin1-xvdb\"\n"
             "xs:/local/domain/0/backend/vbd/7/51728/state = \"4\"\n"  # another domain: not ours
-            "thread:blkback.1.xvdb-0\n"
+            "thread:1.xvdb-0\nthread:7.xvdb-0\n"  # domain 7's ring thread: not ours
             "open:lab-lin1-xvdb:1\nopen:lab-lin1-xvdc:0\n")
     assert dom0.parse_leftovers(text, [1]) == [
         "/local/domain/0/backend/vbd/1/51728 still in xenstore",
-        "blkback ring thread blkback.1.xvdb-0 still running",
+        "blkback ring thread 1.xvdb-0 still running",
         "backing device lab-lin1-xvdb still held open (1 opener(s)): blkback did not release it",
     ]
     assert dom0.parse_leftovers("open:lab-lin1-xvdb:0\n", [1]) == []

@@ -5,6 +5,7 @@ hang collects."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,10 @@ from lab.platform.linux import faults
 from lab.xen import VbdInfo
 
 # blkback's per-vbd statistics, summed over the vbd's rings (facts/linux-blkback-module.md)
+# blkback's ring threads: blkback_name() names them "<domid>.<dev>" plus "-<ring>"
+# (xenbus.c), the kernel keeps 15 characters: `ps -eo comm=` in dom0 shows 1.xvdb-0
+RING_THREAD = re.compile(r"(\d+)\.([a-z0-9]+)-(\d+)")
+
 VBD_STATS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect")
 
 
@@ -118,11 +123,12 @@ class LinuxDom0(Dom0Base):
     def backend_leftovers(self, domids: list[int], backings: list[Backing]) -> list[str]:
         """After every disk was detached and every guest destroyed, nothing of the
         backend may remain: no vbd node in xenstore for those domains, no ring
-        thread (blkback.<domid>.<dev>-<ring>), no backing device still held open.
+        thread (named <domid>.<dev>-<ring> by blkback_name(), e.g. `1.xvdb-0`),
+        no backing device still held open.
         One round trip."""
         script = (
             "xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | sed 's/^/xs:/'; "
-            "ps -eo comm= | grep '^blkback\\.' | sed 's/^/thread:/'; "
+            "ps -eo comm= | grep -E '^[0-9]+\\.[a-z0-9]+-[0-9]+$' | sed 's/^/thread:/'; "
             + "".join(f"echo open:{shlex.quote(b.name)}:$(dmsetup info -c --noheadings -o open "
                       f"{shlex.quote(b.name)} 2>/dev/null); " for b in backings)
             + "true")
@@ -190,7 +196,7 @@ def parse_leftovers(text: str, domids: list[int]) -> list[str]:
             # /local/domain/0/backend/vbd/<domid>/<devid>/...
             if len(parts) > 7 and parts[6].isdigit() and int(parts[6]) in domids:
                 nodes.add("/".join(parts[:8]))
-        elif kind == "thread" and rest.strip():
+        elif kind == "thread" and (m := RING_THREAD.fullmatch(rest.strip())) and int(m.group(1)) in domids:
             out.append(f"blkback ring thread {rest.strip()} still running")
         elif kind == "open":
             name, _, count = rest.rpartition(":")
