@@ -95,9 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("results", help="list past runs: when, scenario, verdict, IOPS, wall time, accelerator")
     rs.add_argument("root", type=Path, nargs="?", default=Path("results"), metavar="DIR")
 
-    s = sub.add_parser("ssh", help="open a shell in a kept lab: dom0 or a guest")
+    s = sub.add_parser("ssh", help="open a shell in a kept lab (dom0 or a guest), or run one command there")
     s.add_argument("machine")
     s.add_argument("--lab", type=Path, default=Path("results/latest"), help="results dir of the kept lab")
+    s.add_argument("command", nargs="*",
+                   help="after --: a command to run instead of a shell (its exit status is lab's)")
 
     d = sub.add_parser("down", help="tear down a lab left running by --keep")
     d.add_argument("lab", type=Path, nargs="?", default=Path("results/latest"))
@@ -110,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _Parser.bisect_exit = "--bisect-exit" in (sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command: list[str] = []
+    if argv[:1] == ["ssh"] and "--" in argv:  # `lab ssh M -- CMD...`: the rest is the command, verbatim
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = _parser().parse_args(argv)
+    if args.cmd == "ssh":
+        args.command = args.command + command
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -401,6 +410,9 @@ def _kept(lab: Path) -> dict:
     return info
 
 
+SSH_COMMAND_SECONDS = 600.0
+
+
 def cmd_ssh(args: argparse.Namespace) -> int:
     import paramiko
 
@@ -422,6 +434,15 @@ def cmd_ssh(args: argparse.Namespace) -> int:
                                client_key=client, connect=ssh.via(dom0, ip))
         target.connect(Deadline(60), stage="ssh")
     assert target.transport is not None
+    command = args.command
+    if command:
+        res = target.run(["sh", "-c", " ".join(command)], timeout=SSH_COMMAND_SECONDS)
+        sys.stdout.write(res.stdout)
+        sys.stderr.write(res.stderr)
+        if res.timed_out:
+            raise LabError("ssh", f"`{' '.join(command)}` on {args.machine} did not return within "
+                           f"{SSH_COMMAND_SECONDS:.0f}s")
+        return res.rc if res.rc >= 0 else 255
     chan = target.transport.open_session()
     size = shutil.get_terminal_size()
     chan.get_pty(term=os.environ.get("TERM", "xterm"), width=size.columns, height=size.lines)
