@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap dmsetup e2fsprogs python3-venv git ca-certificates \
-                make gcc patch xz-utils binutils genisoimage zstd cpio \
+                make gcc libc6-dev linux-libc-dev patch xz-utils binutils genisoimage zstd cpio \
                 chromium shellcheck
 STAMP := $(VENV)/.installed
 

@@ -21,6 +21,7 @@ Precedence, most severe first, and why:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ class WorkloadObs:
     stopped_by_lab: bool = False  # the lab's deadline ended it (the remote `timeout` fired)
     transport_error: str = ""  # the lab lost the channel it ran on
     stderr: str = ""
+    lab_failure: str = ""  # the tool says it could not run at all (not the backend's doing)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class FaultObs:
     leftovers: tuple[str, ...] = ()
     detail: str = ""
     target: str = ""  # guest or guest/disk
+    ended_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,9 @@ def _lab_error(obs: Observations, *, final: bool) -> Verdict | None:
         if w.transport_error:
             return Verdict("ERROR", obs.stage, f"lab lost the connection running the workload on {w.key}: "
                            f"{w.transport_error}", rule="transport")
+        if w.lab_failure:
+            return Verdict("ERROR", obs.stage, f"the workload on {w.key} could not run: {w.lab_failure}",
+                           rule="workload-lab")
     for s in obs.samplers:
         if s.ended_early:
             return Verdict("ERROR", obs.stage, f"lab's sampler on {s.name} died: {s.error}", rule="sampler-died")
@@ -201,9 +207,31 @@ def _running(obs: Observations, key: str) -> bool:
     return any(w.key == key and w.running for w in obs.workloads)
 
 
+# lifecycle operations that take a guest away for a while: its disks are not
+# judged while one runs, and the stall clock starts again when it ended
+SUSPENDING = ("save-restore",)
+# ... and those that end its workload (the guest's disks are judged by the
+# operation's own outcome from then on)
+ENDING = ("destroy", "reboot")
+
+
+def suspended(obs: Observations, guest: str) -> tuple[bool, float]:
+    """(a suspending operation on `guest` is under way, when the last one ended)."""
+    since = 0.0
+    for f in obs.faults:
+        if f.kind in SUSPENDING and f.target == guest and f.started_at is not None:
+            if not f.ended:
+                return True, since
+            since = max(since, f.ended_at or 0.0)
+    return False, since
+
+
 def _stalled(obs: Observations, cfg: Config) -> Verdict | None:
     for tr in obs.tracks:
-        h = check_hang(tr, obs.now, cfg.stall_window, io_running=_running(obs, tr.key))
+        away, since = suspended(obs, tr.guest)
+        if away:
+            continue
+        h = check_hang(tr, obs.now, cfg.stall_window, io_running=_running(obs, tr.key), since=since)
         if h:
             return _hang_verdict(obs, h.as_dict(), h.cause, rule="no-progress")
     for f in obs.findings:
@@ -298,6 +326,13 @@ def decide(obs: Observations, cfg: Config) -> Verdict:
     if early:
         return early
     dr = drains(obs.tracks, obs.t_end if obs.t_end is not None else obs.now)
+    for tr in obs.tracks:
+        d = dr[tr.key]
+        if suspended(obs, tr.guest)[1] and d.mismatches and d.guest_inflight == 0 and d.backing_inflight == 0:
+            # the frontend re-issues after the restore what was pending at the
+            # save, and the old connection may have counted it already
+            dr[tr.key] = dataclasses.replace(d, drained=True, not_compared="a save-restore: requests pending at "
+                                             "the save are counted by both connections")
     for key, d in dr.items():
         if d.drained:
             continue
@@ -331,10 +366,13 @@ def decide(obs: Observations, cfg: Config) -> Verdict:
         return Verdict("FAIL", "workload", f"no I/O completed on {', '.join(idle)}", drain=dr, rule="no-io")
     summary = "all workloads finished, progressed and drained"
     if obs.gone:
-        summary = (f"{', '.join(obs.gone)} destroyed by a lifecycle fault as planned (not judged after it); "
+        how = {f.target: f.kind for f in obs.faults if f.kind in ENDING}
+        verbs = {"destroy": "destroyed", "reboot": "rebooted"}
+        names = ", ".join(f"{g} {verbs.get(how.get(g, 'destroy'), 'ended')}" for g in obs.gone)
+        summary = (f"{names} by a lifecycle fault as planned (its workload not judged after it); "
                    f"every other workload finished, progressed and drained" if obs.tracks
-                   else f"{', '.join(obs.gone)} destroyed by a lifecycle fault as planned, after progressing; "
-                   "nothing of it left behind")
+                   else f"{names} by a lifecycle fault as planned, after progressing; "
+                   "nothing of the old domain left behind")
     return Verdict("PASS", "done", summary, drain=dr, rule="pass")
 
 

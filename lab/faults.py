@@ -51,6 +51,7 @@ class FaultRecord:
             "ended_at_s": None if self.ended_at is None else round(self.ended_at, 2),
             "error": self.error,
             **({"count": self.cfg.count} if self.cfg.kind == "detach-attach" else {}),
+
             **({"outcome": dataclasses.asdict(self.outcome)} if self.outcome is not None else {}),
         }
 

@@ -17,17 +17,18 @@ from typing import Any
 
 import paramiko
 
-from lab import console, scenario, ssh
+from lab import console, ringfront, scenario, ssh
 from lab.boot import L1, Where, guest_ip
 from lab.errors import LabError
 from lab.platform import Backing, GuestPlatform, Media
 from lab.platforms import guest_platform
 from lab.timing import Deadline
-from lab.xen import VbdInfo, Xl, parse_xenstore_ls, render_xl_cfg, vbd_info
+from lab.xen import VDEV_DEVID, VbdInfo, Xl, negotiation_problems, parse_xenstore_ls, render_xl_cfg, vbd_info
 
 BOOT_MOUNT = "/run/lab/boot"
 XENBUS_CONNECTED = "4"
 XENBUS_GIVING_UP = {"5", "6"}  # Closing, Closed: a device being set up never passes through these
+XENBUS_INITIALISING, XENBUS_INITWAIT = "1", "2"
 
 
 class DiskFailure(Exception):
@@ -81,6 +82,7 @@ def start(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: 
             name=g.name, run_id=where.results.name, kernel=f"{BOOT_MOUNT}/{g.name}-vmlinuz",
             ramdisk=f"{BOOT_MOUNT}/{g.name}-initrd", cmdline=gp.cmdline(g, ip=ip), memory_mib=g.memory.mib,
             vcpus=g.vcpus, disks=[], mac=f"00:16:3e:00:00:{int(ip.rsplit('.', 1)[1]):02x}",
+            restart_on_reboot=any(f.kind == "reboot" and f.guest == g.name for f in sc.faults),
         )
         (where.results / f"xl-{g.name}.cfg").write_text(cfg)
         path = f"/run/lab/{g.name}.cfg"
@@ -168,7 +170,11 @@ def attach_disks(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where,
 def attach_one(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, vdev: str,
                deadline: Deadline) -> VbdInfo:
     """`xl block-attach` of one test disk on its backing device, then both ends
-    Connected: the first time, and again after each detach of a churn."""
+    Connected: the first time, and again after each detach of a churn. A disk
+    the userspace frontend drives is attached with blkfront kept off instead."""
+    if ringfront.drives(sc.workloads, gu.cfg.name, vdev):
+        gu.vbds[vdev] = attach_unbound(sc, l1, gu, xl, where, vdev, deadline)
+        return gu.vbds[vdev]
     b = gu.backings[vdev]
     spec = f"format=raw, vdev={vdev}, access=rw, target={b.path}"
     res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=max(1.0, deadline.remaining()))
@@ -178,8 +184,110 @@ def attach_one(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, v
         be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
         raise DiskFailure("guest:attach", f"`xl block-attach {gu.cfg.name} {vdev}` failed "
                           f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
-    gu.vbds[vdev] = _wait_connected(sc, gu, xl, vdev, where, deadline)
+    gu.vbds[vdev] = wait_connected(sc, gu, xl, vdev, where, deadline)
+    check_negotiated(gu, vdev, gu.cfg)
     return gu.vbds[vdev]
+
+
+def attach_unbound(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, vdev: str,
+                   deadline: Deadline) -> VbdInfo:
+    """A test disk for the userspace frontend (tool = "ring", lab/ringfront.py):
+    the guest's driver autoprobe is off while `xl block-attach` adds it, so no
+    driver binds the new vbd: the backend waits in InitWait (2) and the
+    frontend node stays Initialising (1) until blkring connects. Autoprobe is
+    back on afterwards whatever happened (it holds for every Xen device of the
+    guest). If the kernel's blkfront took the disk anyway, the run stops here
+    with a lab failure (ERROR): it would otherwise test the wrong frontend."""
+    gp, dl, name = gu.os, sc.deadlines, gu.cfg.name
+    devid = VDEV_DEVID[vdev]
+    missing = gu.runner.run(gp.userspace_frontend_argv(), timeout=dl.command).check("guest:attach").stdout
+    if missing.strip():
+        raise LabError("guest:attach", f"guest {name} cannot run the userspace frontend on {vdev}: "
+                       + "; ".join(ln.strip() for ln in missing.splitlines() if ln.strip()))
+    gu.runner.run(gp.autoprobe_argv(False), timeout=dl.command).check("guest:attach")
+    try:
+        b = gu.backings[vdev]
+        spec = f"format=raw, vdev={vdev}, access=rw, target={b.path}"
+        res = l1.dom0.run(["xl", "block-attach", name, spec], timeout=max(1.0, deadline.remaining()))
+        if res.transport_error:
+            res.check("guest:attach")  # the lab lost dom0: ERROR
+        if not res.ok:
+            be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
+            raise DiskFailure("guest:attach", f"`xl block-attach {name} {vdev}` failed "
+                              f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
+        info = wait_unbound(sc, gu, xl, vdev, where, deadline)
+    finally:
+        restored = gu.runner.run(gp.autoprobe_argv(True), timeout=dl.command)
+    restored.check("guest:attach")
+    binding = gp.parse_vbd_binding(gu.runner.run(gp.vbd_binding_argv(devid), timeout=dl.command).stdout)
+    if binding != "unbound":
+        raise LabError("guest:attach", _refusal(name, vdev, f"vbd-{devid} is {binding or 'unreadable'} "
+                                                 "once driver autoprobe was back on"))
+    return info
+
+
+def _refusal(guest: str, vdev: str, why: str) -> str:
+    return (f"guest {guest}'s kernel took test disk {vdev} meant for the userspace frontend ({why}): the lab "
+            "refuses to run the ring workload against the kernel's blkfront in its place")
+
+
+def wait_unbound(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Where,
+                 deadline: Deadline) -> VbdInfo:
+    """The backend in InitWait (2), the frontend node Initialising (1) and the
+    guest's vbd there with no driver, within the deadline. A frontend that
+    moved on, or a driver bound, is the kernel's blkfront: refused (LabError);
+    a backend that never gets to InitWait is the backend's FAIL."""
+    devid = VDEV_DEVID[vdev]
+    last = ""
+    while True:
+        be_raw = xl.xenstore_raw("/local/domain/0/backend")
+        fe_raw = xl.xenstore_raw(f"/local/domain/{gu.domid}/device/vbd")
+        be, fe = parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw)
+
+        def keep(be_raw: str = be_raw, fe_raw: str = fe_raw) -> None:
+            (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+
+        info = None
+        try:
+            info = vbd_info(gu.domid, vdev, be, fe)
+        except LabError as e:
+            last = e.message
+        if info is not None:
+            last = f"backend state {info.state_backend or '?'}, frontend state {info.state_frontend or '?'}"
+            if info.state_frontend not in ("", XENBUS_INITIALISING) or info.state_backend in ("3", XENBUS_CONNECTED):
+                keep()
+                raise LabError("guest:attach", _refusal(gu.cfg.name, vdev, f"{last}: a frontend connected it"))
+            if info.state_backend in XENBUS_GIVING_UP:
+                keep()
+                raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} was closed before the userspace "
+                                  f"frontend could connect ({last})")
+            if info.state_backend == XENBUS_INITWAIT and info.state_frontend == XENBUS_INITIALISING:
+                res = gu.runner.run(gu.os.vbd_binding_argv(devid), timeout=10)
+                binding = gu.os.parse_vbd_binding(res.stdout)
+                if binding == "bound":
+                    keep()
+                    raise LabError("guest:attach", _refusal(gu.cfg.name, vdev, f"vbd-{devid} has a driver"))
+                if binding == "unbound":
+                    keep()
+                    return info
+                last += f"; the guest's vbd-{devid} is {binding or 'unreadable'}"
+        if deadline.expired():
+            keep()
+            if info is None and "qdisk" in last:
+                raise LabError("guest:attach", last)  # the lab's configuration, not the backend
+            raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} never reached InitWait with "
+                              f"no driver within {deadline.seconds:.0f}s: {last}")
+        time.sleep(0.5)
+
+
+def check_negotiated(gu: Guest, vdev: str, want: scenario.GuestCfg) -> None:
+    """The connected disk negotiated what its frontend's limits and the backend's
+    offer allow (a backend that keeps a stale ring size or persistent grants the
+    frontend refused fails here)."""
+    bad = negotiation_problems(want, gu.vbds[vdev], gu.cfg.vcpus)
+    if bad:
+        raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} connected with "
+                          + "; ".join(bad))
 
 
 def _last_line(text: str) -> str:
@@ -192,7 +300,7 @@ def _states(xenstore: str) -> str:
     return ", ".join(f"devid {d} state {s}" for d, s in found) or "no vbd in xenstore"
 
 
-def _wait_connected(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Where,
+def wait_connected(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Where,
                     deadline: Deadline) -> VbdInfo:
     """Both ends Connected (xenbus state 4) and the disk present in the guest, within
     the guest-create deadline; a disk that never gets there is the backend's FAIL."""

@@ -193,6 +193,9 @@ class Recipe:
     initramfs_modules: tuple[str, ...] = ()  # root = "disk": what mounts the root disk
     root_size: str = ""  # root = "disk": the ext4 image's size
     initrd_compression: str = "gzip"  # root = "initramfs"
+    # C programs of the lab's own, images/<name>/<name>.c, compiled static on L0
+    # into /usr/local/bin (the guest's userspace frontend, blkring)
+    programs: tuple[str, ...] = ()
 
 
 def load_recipe(name: str) -> Recipe:
@@ -212,6 +215,7 @@ def load_recipe(name: str) -> Recipe:
             modules=tuple(raw["modules"]), hostkey=raw["hostkey"], xen=bool(raw["xen"]),
             root=raw.get("root", "disk"), initramfs_modules=tuple(raw.get("initramfs_modules", ())),
             root_size=raw.get("root_size", ""), initrd_compression=raw.get("initrd_compression", "gzip"),
+            programs=tuple(raw.get("programs", ())),
         )
     except KeyError as e:
         raise LabError("image", f"{path}: missing key {e}") from None
@@ -222,6 +226,11 @@ def load_recipe(name: str) -> Recipe:
                        f"expected one of {list(COMPRESSIONS)}")
     if r.root == "disk" and not (r.root_size and r.initramfs_modules):
         raise LabError("image", f"{path}: root = \"disk\" needs root_size and initramfs_modules")
+    for prog in r.programs:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", prog):
+            raise LabError("image", f"{path}: program {prog!r}: expected a lower-case name (images/NAME/NAME.c)")
+        if not program_source(prog).is_file():
+            raise LabError("image", f"{path}: program {prog!r}: no source {program_source(prog)}")
     if r.root == "initramfs" and (r.root_size or r.initramfs_modules):
         raise LabError("image", f"{path}: root = \"initramfs\" has no root disk: "
                        "drop root_size and initramfs_modules (PID 1 loads the modules it needs)")
@@ -233,7 +242,7 @@ def recipe_hash(recipe: Recipe, mirror: list[AptSource], keys: Keys) -> str:
     files, the mirror, the keys baked in and the builder itself."""
     h = hashlib.sha256()
     h.update(BUILDER_VERSION.encode())
-    for base in (recipe.dir, RECIPES / "common"):
+    for base in (recipe.dir, RECIPES / "common", *(RECIPES / p for p in recipe.programs)):
         for f in sorted(p for p in base.rglob("*") if p.is_file()):
             h.update(str(f.relative_to(RECIPES)).encode() + b"\0" + f.read_bytes())
     for src in (Path(__file__), Path(initramfs.__file__), Path(ramroot.__file__)):
@@ -332,10 +341,13 @@ def _build(recipe: Recipe, work: Path, mirror: list[AptSource], keys: Keys, run:
     _prune_modules(rootfs, abi, list(recipe.modules))
     run.run(["chroot", str(rootfs), "depmod", "-a", abi], timeout=120).check("image")
     _customize(recipe, rootfs, keys)
+    programs = build_programs(recipe, rootfs, run)
 
     shutil.copyfile(rootfs / "boot" / f"vmlinuz-{abi}", work / "vmlinuz")
     manifest: dict = {"recipe": recipe.name, "kernel_abi": abi, "mirror": [s.line() for s in mirror],
                       "root": recipe.root}
+    if programs:
+        manifest["programs"] = programs
     if recipe.xen:
         xen_gz = sorted((rootfs / "boot").glob("xen-*.gz"))
         if not xen_gz:
@@ -402,6 +414,34 @@ def _prune_modules(rootfs: Path, abi: str, keep: list[str]) -> None:
         if rel not in wanted:
             (moddir / rel).unlink(missing_ok=True)
     shutil.rmtree(rootfs / "usr/lib/firmware", ignore_errors=True)
+
+
+def program_source(name: str) -> Path:
+    return RECIPES / name / f"{name}.c"
+
+
+def gcc_argv(src: Path, out: Path) -> list[str]:
+    """One of the lab's C programs, static (the guest's root has no toolchain,
+    and a static binary needs none of the libraries the RAM root prunes), with
+    every warning an error. Only libc and the kernel's UAPI headers
+    (linux-libc-dev) are used."""
+    return ["gcc", "-std=gnu11", "-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src)]
+
+
+def build_programs(recipe: Recipe, rootfs: Path, run: LocalRunner) -> dict[str, str]:
+    """Compile the recipe's programs into rootfs/usr/local/bin; refuse one that
+    came out dynamically linked. Returns {name: sha256} for the manifest."""
+    out: dict[str, str] = {}
+    for name in recipe.programs:
+        dst = rootfs / "usr/local/bin" / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        run.run(gcc_argv(program_source(name), dst), timeout=300).check("image")
+        data = dst.read_bytes()
+        needed, _ = ramroot.elf_needed(data)
+        if needed:
+            raise LabError("image", f"{name} was linked against {needed}: expected a static binary")
+        out[name] = hashlib.sha256(data).hexdigest()
+    return out
 
 
 def _customize(recipe: Recipe, rootfs: Path, keys: Keys) -> None:

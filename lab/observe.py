@@ -66,7 +66,7 @@ class Outcome:
     fio_s: float = 0.0
     drain_s: float = 0.0
     platform_record: dict[str, Any] = field(default_factory=dict)  # e.g. FreeBSD's "xbbd" report
-    gone: set[str] = field(default_factory=set)  # guests a lifecycle fault destroyed
+    gone: set[str] = field(default_factory=set)  # guests a lifecycle fault destroyed (no teardown for them)
 
 
 @dataclass
@@ -187,9 +187,10 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
     records = [_workload_entry(j, results.get(j.index), now if verdict.verdict != "PASS" else t_end) for j in jobs]
     for j, r in zip(jobs, records, strict=True):
         if j.cfg.guest in life.gone:
-            r["ended_by"] = "destroy (a lifecycle fault): not judged after it"
+            r["ended_by"] = f"{life.ended_by.get(j.cfg.guest, 'destroy')} (a lifecycle fault): not judged after it"
+    destroyed = {g for g in life.gone if life.ended_by.get(g) == "destroy"}
     return Outcome(verdict, tracks, samplers, [r.as_dict() for r in injector.records] if injector else [],
-                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, set(life.gone))
+                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, destroyed)
 
 
 def _qmp(vm: Any, cmd: str) -> None:
@@ -214,7 +215,9 @@ def _start_samplers(sc: scenario.Scenario, l1: L1, guests: list[Guest], tracks: 
         mine = [tr for tr in tracks if tr.guest == g.cfg.name]
         if not mine:
             continue
-        argv = g.os.stat_argv(iv, [tr.vdev for tr in mine])
+        # a disk the userspace frontend drives has no block device: its stat file instead
+        ring = {w.disk for w in sc.workloads if w.guest == g.cfg.name and w.tool == "ring"}
+        argv = g.os.stat_argv(iv, [tr.vdev for tr in mine], ring=ring)
         samplers.append(Sampler(g.cfg.name, _streamer(g.runner, argv),
                                 sampling.on_guest(mine, g.os.parse_stat, lock), t0,
                                 raw=where.results / f"samples-{g.cfg.name}.jsonl"))
@@ -257,7 +260,7 @@ def _fault_obs(r: FaultRecord) -> decide.FaultObs:
         return decide.FaultObs(r.cfg.kind, r.started_at, target=target)
     return decide.FaultObs(r.cfg.kind, r.started_at, ended=True, ok=o.ok, timed_out=o.timed_out,
                            transport_error=o.transport_error, failed=o.failed, leftovers=o.leftovers,
-                           detail=o.detail, target=target)
+                           detail=o.detail, target=target, ended_at=r.ended_at)
 
 
 def _workload_obs(j: Job, parsed: IoResult | str | None) -> decide.WorkloadObs:
@@ -273,6 +276,8 @@ def _workload_obs(j: Job, parsed: IoResult | str | None) -> decide.WorkloadObs:
         j.key, running=running, rc=r.rc, transport_error=r.transport_error, stopped_by_lab=stopped,
         stderr=r.stderr, errors=parsed.errors if isinstance(parsed, IoResult) else None,
         no_result=parsed if isinstance(parsed, str) else "",
+        lab_failure=parsed.removeprefix(LAB_FAILURE) if isinstance(parsed, str) and parsed.startswith(LAB_FAILURE)
+        else "",
     )
 
 
@@ -285,11 +290,17 @@ def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> 
         name = f"{j.cfg.tool}-{j.index}.json"
         res = j.guest.runner.run(["cat", f"/run/lab/{name}"], timeout=sc.deadlines.command)
         (where.results / name).write_text(res.stdout)
+        tool = WORKLOADS[j.cfg.tool]
         try:
-            out[j.index] = WORKLOADS[j.cfg.tool].parse(res.stdout)
+            out[j.index] = tool.parse(res.stdout)
         except ValueError as e:
             out[j.index] = str(e) or "unparsable output"
+            if why := tool.lab_failure(res.stdout):
+                out[j.index] = LAB_FAILURE + why
     return out
+
+
+LAB_FAILURE = "lab: "  # a no-result reason that is the lab's failure (the tool could not run)
 
 
 def _observed(tr: Track, until: float) -> dict[str, Any]:

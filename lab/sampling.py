@@ -95,15 +95,38 @@ def state(s: Sampler) -> SamplerState:
     return SamplerState(s.machine, s.lines, s.last_t, s.error, s.ended_early)
 
 
+# the backend's counters that only grow within one connection (Linux blkback's
+# statistics and their sum); in-flight gauges are not among them
+CUMULATIVE = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "taken")
+
+
+def rebase(prev: dict[str, int] | None, base: dict[str, int], st: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """One series across connections: blkback's statistics start from 0 with each
+    connect (after a save-restore the disk is a new backend device). When the
+    total taken falls below the previous raw sample, what the old connection
+    counted becomes the base added to every later sample. Returns (new base,
+    the sample on the continued series); `prev` is the previous raw sample."""
+    if prev is not None and st.get("taken", 0) < prev.get("taken", 0):
+        base = {k: base.get(k, 0) + prev[k] for k in CUMULATIVE if k in prev}
+    if not base:
+        return base, st
+    return base, {k: v + base.get(k, 0) if k in CUMULATIVE else v for k, v in st.items()}
+
+
 def on_backend(tracks: Sequence[Track], parse: Callable[[list[str | None], int], list[dict[str, int] | None]],
                lock: threading.Lock) -> Callable[[float, list[str | None]], None]:
-    """dom0's line: the platform's parser splits it into one stats dict per track."""
+    """dom0's line: the platform's parser splits it into one stats dict per track,
+    each continued across reconnects (`rebase`)."""
+    prev: dict[str, dict[str, int]] = {}
+    bases: dict[str, dict[str, int]] = {}
 
     def on(t: float, values: list[str | None]) -> None:
         for tr, st in zip(tracks, parse(values, len(tracks)), strict=True):
             if st is not None:
+                bases[tr.key], point = rebase(prev.get(tr.key), bases.get(tr.key, {}), st)
+                prev[tr.key] = st
                 with lock:
-                    tr.backend_pts.append(BackendPoint(t, st))
+                    tr.backend_pts.append(BackendPoint(t, point))
 
     return on
 

@@ -78,14 +78,54 @@ class GuestCfg:
     # 0 / 1 = a one-page ring (32 requests) and one queue: easy to fill.
     max_ring_page_order: int = 0
     max_queues: int = 1
+    feature_persistent: int = -1  # 0 = the frontend refuses persistent grants, 1 = offers them
+    max_indirect_segments: int = -1  # the frontend's limit of segments per indirect request
     disks: tuple[DiskCfg, ...] = (DiskCfg(),)
+
+
+# The userspace frontend's malformed requests (images/blkring/blkring.c), each
+# with its expected outcome asserted by the program.
+RING_HOSTILE_CASES = ("too-many-segments", "bad-grant-ref", "out-of-range-sector", "prod-ahead",
+                      "kill-with-outstanding")
+RING_MAX_SEGMENTS = 256  # blkback's MAX_INDIRECT_SEGMENTS
+# grants the lab lets xen-gntalloc hand out in a guest (its own default is 1024):
+# every ring page, data page and indirect page of the userspace frontend is one
+RING_GRANT_LIMIT = 8192
+RING_MAX_RECONNECTS = 8  # blkring's MAX_RECONNECTS
+RING_MIN_PHASE = 5.0  # seconds of I/O each connection of a reconnect schedule gets at least
+
+
+@dataclass(frozen=True)
+class RingCfg:
+    """The userspace frontend's options (tool = "ring": lab/ringfront.py runs
+    images/blkring/blkring.c on a test disk the guest's blkfront is kept off)."""
+
+    behaviour: Literal["aggressive", "bursty"] = "aggressive"  # re-queue on each response / fill, drain, fill
+    op: Literal["read", "write", "flush", "discard", "mixed"] = "read"  # mixed: rwmixread, 1/16 flush, 1/16 discard
+    segments: int = 1  # 4 KiB pages per request; more than 11 = indirect descriptors
+    depth: int = 0  # requests kept in flight; 0 = every ring slot
+    ring_page_order: int = 0  # a ring of 2^order pages (32 << order slots), capped at the backend's offer
+    persistent: bool = False  # offer persistent grants (feature-persistent)
+    notify: Literal["always", "needed"] = "always"  # an event per push, or only when the backend asks
+    poll: bool = False  # busy-poll the ring instead of waiting for events
+    verify: bool = False  # write a pattern, read it back, compare (op = "write"): a mismatch is a FAIL
+    hostile: tuple[str, ...] = ()  # RING_HOSTILE_CASES, run first, in this order
+    burst_gap: Duration = Duration(0)  # bursty: idle time between bursts
+    halt_wait: Duration = Duration(2)  # prod-ahead: no response this long = the ring was halted
+    # a reconnect schedule: the runtime is split into 1 + len(...) phases of equal
+    # I/O time, each later one on a new connection (close, Initialising, connect)
+    # asking for the next ring page order; () = one connection throughout
+    reconnect_orders: tuple[int, ...] = ()
+    # idle time around each reconnect (after hostile cases, between phases), so
+    # that the dom0 sampler sees each connection's last statistics and their restart
+    settle: Duration = Duration(2.5)
 
 
 @dataclass(frozen=True)
 class WorkloadCfg:
     guest: str = ""
     disk: str = "xvdb"
-    tool: Literal["fio"] = "fio"
+    tool: Literal["fio", "ring"] = "fio"
     rw: Literal["randrw", "randread", "randwrite", "read", "write", "rw", "randtrim"] = "randrw"
     rwmixread: int = 50
     bssplit: str = "4k/50:16k/25:64k/25"  # several block sizes
@@ -96,6 +136,7 @@ class WorkloadCfg:
     runtime: Duration = Duration(30)
     size: str = ""  # "" = the whole disk
     extra: dict[str, str] = field(default_factory=dict)  # more fio job options
+    ring: RingCfg = RingCfg()  # tool = "ring" only
 
 
 @dataclass(frozen=True)
@@ -125,8 +166,8 @@ class BackendCfg:
     patches: tuple[str, ...] = ()  # patch files applied on top, in order
 
 
-FAULT_KINDS = ("stall", "delay", "error", "pause-l1", "detach-attach", "destroy")
-LIFECYCLE_KINDS = ("detach-attach", "destroy")  # operations of the toolstack, not of the backing device
+FAULT_KINDS = ("stall", "delay", "error", "pause-l1", "detach-attach", "destroy", "save-restore", "reboot")
+LIFECYCLE_KINDS = ("detach-attach", "destroy", "save-restore", "reboot")  # operations of the toolstack
 
 
 @dataclass(frozen=True)
@@ -140,9 +181,18 @@ class FaultCfg:
     detach-attach: the test disk is detached (xl block-detach) and attached again,
       `count` times (connect/disconnect churn; the disk must carry no workload:
       blkfront keeps an open disk);
-    destroy: the guest is destroyed (xl destroy), whatever it has in flight."""
+    destroy: the guest is destroyed (xl destroy), whatever it has in flight;
+    save-restore: the guest is saved (xl save: its frontends suspend with I/O
+      pending, the domain and its backend devices go) and restored (xl restore:
+      a new domain whose frontends reconnect to new backend devices and re-issue
+      what was pending), under load; its workload must go on afterwards;
+    reboot: the guest is rebooted (xl reboot) under load: its workload ends, the
+      domain is built again with its test disks present from the start (the
+      cold-plug path, where every other run hot-plugs) and each must connect
+      and carry I/O."""
 
-    kind: Literal["stall", "delay", "error", "pause-l1", "detach-attach", "destroy"] = "stall"
+    kind: Literal["stall", "delay", "error", "pause-l1", "detach-attach", "destroy", "save-restore",
+                  "reboot"] = "stall"
     guest: str = ""  # target guest and disk (not used by pause-l1)
     disk: str = "xvdb"
     at: Duration = Duration(0)
@@ -222,12 +272,9 @@ def _check(s: Scenario, where: str) -> None:
                 raise err(f"guests[{i}].disks[{j}].vdev", f"expected xvdb..xvdz (xvda stays free), got {d.vdev!r}")
         if len(set(vdevs)) != len(vdevs):
             raise err(f"guests[{i}].disks", "expected distinct vdev names")
-        if g.max_ring_page_order not in range(-1, 5):
-            raise err(f"guests[{i}].max_ring_page_order", "expected -1 (driver default) or 0..4")
-        if g.max_queues < -1 or g.max_queues == 0:
-            raise err(f"guests[{i}].max_queues", "expected -1 (driver default) or >= 1")
         if g.vcpus < 1:
             raise err(f"guests[{i}].vcpus", "expected at least 1")
+        _check_frontend(g, f"guests[{i}]", err)
     total = sum(g.memory for g in s.guests) + s.dom0.memory
     if total > s.lab.memory:
         raise err("guests", f"dom0 and guests need {total >> 20} MiB, more than lab.memory")
@@ -246,6 +293,7 @@ def _check(s: Scenario, where: str) -> None:
             raise err(f"workloads[{i}].runtime", f"expected at least 1s, got {w.runtime:g}s")
         if problems := values.fio_extra_problems(w.extra):
             raise err(f"workloads[{i}].extra", "; ".join(problems))
+        _check_ring(s, i, err)
     for i, f in enumerate(s.faults):
         if f.kind != "pause-l1":
             if f.guest not in names:
@@ -266,6 +314,8 @@ def _check(s: Scenario, where: str) -> None:
             if any(w.guest == f.guest and w.disk == f.disk for w in s.workloads):
                 raise err(f"faults[{i}].disk", f"{f.guest}/{f.disk} carries a workload: blkfront keeps an open "
                           "disk, so its detach would wait for the workload; churn a disk without one")
+        if f.kind in ("save-restore", "reboot") and s.dom0.os == "freebsd":
+            raise err(f"faults[{i}].kind", f"{f.kind} is carried out with a Linux dom0 only, so far")
         if f.kind == "stall" and s.dom0.os == "freebsd":
             raise err(f"faults[{i}].kind", "a FreeBSD dom0 cannot stall a disk (gnop(8) delays or fails "
                       "requests, it cannot hold them): use delay, error or pause-l1")
@@ -291,6 +341,119 @@ def _check(s: Scenario, where: str) -> None:
     for k in ("provision_timeout", "build_timeout"):
         if getattr(s.freebsd, k) <= 0:
             raise err(f"freebsd.{k}", "expected more than 0s")
+
+
+def _check_frontend(fe: GuestCfg, path: str,
+                    err: typing.Callable[[str, str], ScenarioError]) -> None:
+    """blkfront's parameters, in a guest or a reconnect: -1 leaves the driver's default."""
+    if fe.max_ring_page_order not in range(-1, 5):
+        raise err(f"{path}.max_ring_page_order", "expected -1 (driver default) or 0..4")
+    if fe.max_queues < -1 or fe.max_queues == 0:
+        raise err(f"{path}.max_queues", "expected -1 (driver default) or >= 1")
+    if fe.feature_persistent not in (-1, 0, 1):
+        raise err(f"{path}.feature_persistent", "expected -1 (driver default), 0 (off) or 1 (on)")
+    if fe.max_indirect_segments != -1 and not 0 <= fe.max_indirect_segments <= 4096:
+        raise err(f"{path}.max_indirect_segments", "expected -1 (driver default) or 0..4096")
+
+
+FIO_ONLY_KEYS = ("rw", "bssplit", "iodepth", "numjobs", "ioengine", "direct", "size", "extra")
+
+
+def _check_ring(s: Scenario, i: int, err: typing.Callable[[str, str], ScenarioError]) -> None:
+    """A workload's [workloads.ring] table, and the fio keys a ring workload has no use for."""
+    w, path = s.workloads[i], f"workloads[{i}]"
+    r, plain = w.ring, WorkloadCfg()
+    if w.tool != "ring":
+        if r != RingCfg():
+            raise err(f"{path}.ring", f'only for tool = "ring" (the userspace frontend); this workload\'s tool '
+                      f"is {w.tool!r}")
+        return
+    for k in FIO_ONLY_KEYS:
+        if getattr(w, k) != getattr(plain, k):
+            raise err(f"{path}.{k}", 'a fio key: a ring workload (tool = "ring") takes its options from '
+                      f"[workloads.ring] ({', '.join(f.name for f in dataclasses.fields(RingCfg))}); "
+                      "remove it")
+    if any(f.kind == "save-restore" and f.guest == w.guest for f in s.faults):
+        raise err(f"{path}.tool", f"the userspace frontend cannot follow guest {w.guest!r} through a "
+                  "save-restore (it does not suspend and reconnect as blkfront does): use fio on that guest")
+    others = [j for j, o in enumerate(s.workloads) if j != i and (o.guest, o.disk) == (w.guest, w.disk)]
+    if others:
+        raise err(f"{path}.disk", f"{w.guest}/{w.disk} also carries workloads[{others[0]}]: the userspace "
+                  "frontend owns its disk (the guest's blkfront is kept off it)")
+    if not 1 <= r.segments <= RING_MAX_SEGMENTS:
+        raise err(f"{path}.ring.segments", f"expected 1..{RING_MAX_SEGMENTS} pages per request "
+                  f"(more than 11 uses indirect descriptors), got {r.segments}")
+    if not 0 <= r.ring_page_order <= 4:
+        raise err(f"{path}.ring.ring_page_order", f"expected 0..4 (a ring of 1..16 pages), got {r.ring_page_order}")
+    _check_reconnects(s, i, err)
+    orders = (r.ring_page_order, *r.reconnect_orders)
+    smallest, largest = min(orders), max(orders)
+    slots = 32 << smallest
+    if not 0 <= r.depth <= slots:
+        which = " (the smallest of ring_page_order and reconnect_orders)" if r.reconnect_orders else ""
+        raise err(f"{path}.ring.depth", f"expected 0 (every slot) or 1..{slots} (the slots of a "
+                  f"{1 << smallest}-page ring{which}), got {r.depth}")
+    seen: set[str] = set()
+    for j, case in enumerate(r.hostile):
+        if case not in RING_HOSTILE_CASES:
+            raise err(f"{path}.ring.hostile[{j}]", f"expected one of {', '.join(RING_HOSTILE_CASES)}, got {case!r}")
+        if case in seen:
+            raise err(f"{path}.ring.hostile[{j}]", f"{case!r} is listed twice")
+        seen.add(case)
+    if r.verify and r.op != "write":
+        raise err(f"{path}.ring.verify", f'verify writes a pattern and reads it back: it needs op = "write", '
+                  f"got op = {r.op!r}")
+    if r.halt_wait <= 0:
+        raise err(f"{path}.ring.halt_wait", "expected more than 0s")
+    if r.hostile or r.reconnect_orders:
+        # each reconnect idles `settle` before and after the close; the sampler
+        # must see both, and the idle time must stay well inside the stall window
+        if r.settle < 2 * s.watchdog.interval:
+            raise err(f"{path}.ring.settle", f"expected at least twice watchdog.interval "
+                      f"({2 * s.watchdog.interval:g}s): the dom0 sampler must see each connection's last "
+                      f"statistics and their restart, got {r.settle:g}s")
+        idle = 2 * r.settle + (r.halt_wait if "prod-ahead" in r.hostile else 0)
+        if idle >= s.watchdog.stall_window:
+            raise err(f"{path}.ring.settle", f"a reconnect idles {idle:g}s (2 x settle"
+                      f"{' + halt_wait' if 'prod-ahead' in r.hostile else ''}), not less than "
+                      f"watchdog.stall_window ({s.watchdog.stall_window:g}s): it would read as a stall")
+    # one connection's grants at a time (a close frees them): the largest ring's
+    slots = r.depth or 32 << largest
+    grants = (1 << largest) + slots * (r.segments + (-(-r.segments // 512) if r.segments > 11 else 0))
+    if grants > RING_GRANT_LIMIT:
+        raise err(f"{path}.ring", f"{slots} slots of {r.segments} pages need {grants} grants, more than the "
+                  f"{RING_GRANT_LIMIT} the lab gives xen-gntalloc: lower depth or segments")
+    disk = next(d for d in s.guest(w.guest).disks if d.vdev == w.disk)
+    blocks = disk.size // (r.segments * 4096)
+    if r.verify and blocks < 2 * slots:
+        raise err(f"{path}.ring.verify", f"verify needs at least {2 * slots} blocks of {r.segments * 4} KiB on "
+                  f"{w.guest}/{w.disk} ({disk.size} bytes holds {blocks})")
+
+
+def _check_reconnects(s: Scenario, i: int, err: typing.Callable[[str, str], ScenarioError]) -> None:
+    """A ring workload's reconnect schedule: orders blkring takes, phases long
+    enough to mean something, and reconnect idle time the lab's deadline covers."""
+    w, key = s.workloads[i], f"workloads[{i}].ring.reconnect_orders"
+    orders = w.ring.reconnect_orders
+    if not orders:
+        return
+    for j, order in enumerate(orders):
+        if not 0 <= order <= 4:
+            raise err(f"{key}[{j}]", f"expected a ring page order 0..4 (a ring of 1..16 pages), got {order}")
+    if len(orders) > RING_MAX_RECONNECTS:
+        raise err(key, f"expected at most {RING_MAX_RECONNECTS} reconnects, got {len(orders)}")
+    phases = len(orders) + 1
+    if w.runtime / phases < RING_MIN_PHASE:
+        raise err(key, f"runtime {w.runtime:g}s split into {phases} phases leaves {w.runtime / phases:g}s each; "
+                  f"expected at least {RING_MIN_PHASE:g}s per phase: raise workloads[{i}].runtime to "
+                  f"{RING_MIN_PHASE * phases:g}s or list fewer orders")
+    # the phases share the runtime's I/O time; each reconnect's idle (2 x settle)
+    # comes on top, inside the lab's grace for the workload
+    idle = len(orders) * 2 * w.ring.settle
+    if idle > s.deadlines.workload_grace / 2:
+        raise err(key, f"{len(orders)} reconnects idle {idle:g}s (2 x settle each) beyond the runtime, more than "
+                  f"half of deadlines.workload_grace ({s.deadlines.workload_grace:g}s), which also covers the "
+                  "drain and each connect: lower settle or list fewer orders")
 
 
 def _check_text(s: Scenario, err: typing.Callable[[str, str], ScenarioError]) -> None:

@@ -89,7 +89,8 @@ def last_change(values: Iterable[tuple[float, int]], start: float = 0.0) -> floa
     return t_last
 
 
-def check_hang(track: Track, now: float, stall_window: float, *, io_running: bool = False) -> Hang | None:
+def check_hang(track: Track, now: float, stall_window: float, *, io_running: bool = False,
+               since: float = 0.0) -> Hang | None:
     """HANG if the guest's completed count has not advanced for `stall_window`
     while it had I/O in flight. With `io_running` (the workload tool is still
     running and had completed I/O before), also when the guest's block layer shows
@@ -97,13 +98,15 @@ def check_hang(track: Track, now: float, stall_window: float, *, io_running: boo
     where fio still had I/O outstanding with an in-flight count of 0 otherwise
     ran into the lab's deadline). If the guest's own view is lost (no guest
     sample within the window), the backend decides: taken frozen for the window
-    with requests in flight on the backing device."""
-    g, b = track.guest_pts, track.backend_pts
-    t_guest = last_change((p.t, p.completed) for p in g)
+    with requests in flight on the backing device. Only samples from `since` on
+    count (after a save-restore, the stall clock starts again at its end)."""
+    g = [p for p in track.guest_pts if p.t >= since]
+    b = [p for p in track.backend_pts if p.t >= since]
+    t_guest = last_change(((p.t, p.completed) for p in g), since)
     # the stall clock runs while I/O is in flight: from the first sample since the
     # last progress that shows some (idle time before the I/O is not a stall)
     t_stall = next((p.t for p in g if p.t >= t_guest and p.inflight > 0), t_guest)
-    t_back = last_change((p.t, p.taken) for p in b)
+    t_back = last_change(((p.t, p.taken) for p in b), since)
     side = _first_side(t_guest, t_back, stall_window)
     if g and now - g[-1].t < stall_window:
         last = g[-1]
@@ -155,6 +158,7 @@ class Drain:
     guest_completed: int | None
     backend_taken: int | None
     mismatches: tuple[str, ...] = ()
+    not_compared: str = ""  # why the accounting was not compared (mismatches then do not count)
 
     @property
     def totals_match(self) -> bool:
@@ -165,7 +169,7 @@ class Drain:
             "drained": self.drained, "guest_inflight": self.guest_inflight,
             "backing_inflight": self.backing_inflight, "guest_completed": self.guest_completed,
             "backend_taken": self.backend_taken, "totals_match": self.totals_match,
-            "mismatches": list(self.mismatches),
+            "mismatches": list(self.mismatches), **({"not_compared": self.not_compared} if self.not_compared else {}),
         }
 
 

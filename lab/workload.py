@@ -1,7 +1,8 @@
 """Workload tools behind one protocol: render a job for a test disk, the argv that
 runs it (writing structured output to a file), and a parser of that output into
-one IoResult. fio today; diskspd (Windows, -Rxml) plugs in beside it in
-WORKLOADS without touching the pipeline."""
+one IoResult. fio, and blkring (the userspace frontend, lab/ringfront.py);
+diskspd (Windows, -Rxml) plugs in beside them in WORKLOADS without touching the
+pipeline."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from lab.errors import ScenarioError
+from lab.ringfront import Ring
 from lab.scenario import WorkloadCfg
 from lab.values import FIO_KEY, FIO_VALUE, fio_extra_problems, text_problem
 
@@ -138,6 +140,7 @@ class Workload(Protocol):
     def job(self, w: WorkloadCfg, device: str) -> str: ...
     def argv(self, job_path: str, out_path: str) -> list[str]: ...
     def parse(self, text: str) -> IoResult: ...
+    def lab_failure(self, text: str) -> str: ...  # why the tool could not run at all ("" if it ran)
 
 
 class Fio:
@@ -152,5 +155,9 @@ class Fio:
     def parse(self, text: str) -> IoResult:
         return parse_fio(text)
 
+    def lab_failure(self, text: str) -> str:
+        return ""  # fio's failures to run are its exit code and stderr (FAIL: errors)
 
-WORKLOADS: dict[str, Workload] = {"fio": Fio()}
+
+# "ring": the userspace frontend (lab/ringfront.py)
+WORKLOADS: dict[str, Workload] = {"fio": Fio(), "ring": Ring()}

@@ -8,6 +8,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import jinja2
 
@@ -87,7 +88,7 @@ def render_xl_cfg(**params: object) -> str:
         v = params.get(k)
         if k in params and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise LabError("guest:create", f"xl config: {k} {v!r} is not a positive integer")
-    return _env.get_template("xl-linux-pv.cfg.j2").render(**params)
+    return _env.get_template("xl-linux-pv.cfg.j2").render(**{"restart_on_reboot": False, **params})
 
 
 def parse_xenstore_ls(text: str) -> dict[str, str]:
@@ -121,6 +122,10 @@ class VbdInfo:
     num_queues: int
     max_indirect_segments: int
     persistent: bool
+    # what the backend offered (-1: it did not say)
+    max_ring_page_order_offered: int = -1
+    max_queues_offered: int = -1
+    persistent_offered: bool = False
 
     @property
     def ring_capacity(self) -> int:
@@ -167,7 +172,45 @@ def vbd_info(domid: int, vdev: str, backend: dict[str, str], frontend: dict[str,
         num_queues=queues,
         max_indirect_segments=int(backend.get(f"{be}/feature-max-indirect-segments", "0") or 0),
         persistent=backend.get(f"{be}/feature-persistent", "0") == "1" and fnode("feature-persistent", "0") == "1",
+        max_ring_page_order_offered=int(backend.get(f"{be}/max-ring-page-order", "-1") or -1),
+        max_queues_offered=int(backend.get(f"{be}/multi-queue-max-queues", "-1") or -1),
+        persistent_offered=backend.get(f"{be}/feature-persistent", "0") == "1",
     )
+
+
+class FrontendWants(Protocol):
+    @property
+    def max_ring_page_order(self) -> int: ...
+    @property
+    def max_queues(self) -> int: ...
+    @property
+    def feature_persistent(self) -> int: ...
+
+
+def negotiation_problems(want: FrontendWants, info: VbdInfo, vcpus: int) -> list[str]:
+    """What a connected vbd negotiated that its frontend's parameters and the
+    backend's offer do not allow (-1 parameters: the driver's default, not
+    checked). blkfront takes the smaller of its limit and the backend's offer,
+    and no more queues than it has vCPUs; it asks for persistent grants only if
+    allowed to, and both ends must agree to use them."""
+    out = []
+    if want.max_ring_page_order >= 0:
+        offered = info.max_ring_page_order_offered
+        expect = min(want.max_ring_page_order, offered) if offered >= 0 else 0
+        if info.ring_page_order != expect:
+            out.append(f"ring-page-order {info.ring_page_order}, expected {expect} (frontend's limit "
+                       f"{want.max_ring_page_order}, backend offers {offered})")
+    if want.max_queues >= 1:
+        offered = info.max_queues_offered
+        expect = min(want.max_queues, vcpus, offered if offered >= 1 else 1)
+        if info.num_queues != expect:
+            out.append(f"{info.num_queues} queue(s), expected {expect} (frontend's limit {want.max_queues}, "
+                       f"{vcpus} vCPUs, backend offers {offered})")
+    if want.feature_persistent == 0 and info.persistent:
+        out.append("persistent grants in use although the frontend turned them off")
+    if want.feature_persistent == 1 and info.persistent_offered and not info.persistent:
+        out.append("persistent grants not in use although both ends offer them")
+    return out
 
 
 class Xl:

@@ -86,10 +86,35 @@ def _busy_forgets(xenbus: str) -> str:
     return xenbus.replace(BUSY, BUSY_FORGETS, 1)
 
 
+RING_ORDER = """	err = xenbus_scanf(XBT_NIL, dev->otherend, "ring-page-order", "%u",
+			   &ring_page_order);
+	if (err != 1) {"""
+STALE_ORDER = """	err = xenbus_scanf(XBT_NIL, dev->otherend, "ring-page-order", "%u",
+			   &ring_page_order);
+	/* lab demo: the ring size was negotiated on the first connect already */
+	if (blkif->nr_ring_pages) {
+		err = 0;
+	} else if (err != 1) {"""
+RESET_PAGES = """	blkif->nr_ring_pages = 0;
+"""
+
+
+def _stale_ring(xenbus: str) -> str:
+    """A reconnect keeps the ring size of the first connection: the reset in
+    xen_blkif_disconnect is gone and connect_ring keeps what it finds. A frontend
+    that reconnects with another ring size is mapped with the old one (its ring
+    refs not found, or a ring of the wrong size); a first connect, a detach and
+    attach (a fresh device) or a reconnect with the same ring are unharmed."""
+    assert RING_ORDER in xenbus and RESET_PAGES in xenbus, "connect_ring()/xen_blkif_disconnect() not as expected"
+    xenbus = xenbus.replace(RESET_PAGES, "", 1)
+    return xenbus.replace(RING_ORDER, STALE_ORDER, 1)
+
+
 XENBUS_BUGS = {
     "refuse": (_refuse, "xen-blkback: validate the frontend's ring before mapping it"),
     "free-order": (_free_order, "xen-blkback: check the caches are empty before freeing them"),
     "busy-forgets": (_busy_forgets, "xen-blkback: retire a busy ring at once on disconnect"),
+    "stale-ring": (_stale_ring, "xen-blkback: negotiate the ring size once per device"),
 }
 
 

@@ -30,3 +30,15 @@ def test_workflows_pass_actionlint() -> None:
     res = subprocess.run([exe, "-no-color", *map(str, workflows)], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_preset_is_in_the_nightly_matrix() -> None:
+    """A new preset that nobody runs nightly is a preset that rots."""
+    import re
+
+    from lab import scenario
+
+    text = (ROOT / ".github" / "workflows" / "nightly.yml").read_text()
+    matrix = set(re.findall(r"^\s*- \{ preset: ([a-z0-9.-]+), expect: [A-Z]+ \}$", text, re.M))
+    assert set(scenario.presets()) - matrix == set()
+    assert matrix - set(scenario.presets()) == set(), "a matrix row names no preset"

@@ -85,6 +85,19 @@ def live(**kw: object) -> Observations:
     return Observations(**base)  # type: ignore[arg-type]
 
 
+def recounted_track() -> Track:
+    """The PASS capture with 3 reads more on the backend's side at the end: what a
+    frontend re-issuing after a restore what the old connection had counted does."""
+    tr = pass_track()
+    last = tr.backend_pts[-1]
+    more = {**last.stats, "rd_req": last.stats["rd_req"] + 3, "taken": last.stats["taken"] + 3}
+    return replace(tr, backend_pts=[*tr.backend_pts[:-1], BackendPoint(last.t, more)])
+
+
+def save_restore(start: float, end: float | None) -> FaultObs:
+    return FaultObs("save-restore", start, ended=end is not None, ok=True, target="lin1", ended_at=end)
+
+
 CRASH_LINE = ConsoleFinding("lin1", "Linux oops", "Oops: 0000 [#1] PREEMPT SMP NOPTI")
 CASES = [
     Case("pass: finished, progressed, drained", final(), "PASS", "pass", 0),
@@ -121,6 +134,10 @@ CASES = [
          "ERROR", "transport", 125),
     Case("error: no samples after the workload (not a HANG)", final(t_end=99.0, now=130.0),
          "ERROR", "drain-no-samples", 125),
+    Case("error: the workload tool could not run at all (blkring: no /dev/xen/gntalloc)",
+         final(workloads=[WorkloadObs(KEY, running=False, rc=3, no_result="lab: blkring setup: no gntalloc",
+                                      lab_failure="blkring setup: open /dev/xen/gntalloc: No such file")]),
+         "ERROR", "workload-lab", 125),
     Case("error: an exception in the lab", final(lab_failures=[LabFailure("workload", "TypeError: boom")]),
          "ERROR", "lab-failure", 125),
     Case("fail: the workload reported I/O errors", final(workloads=[replace(OK_WL, errors=35510)]),
@@ -162,6 +179,26 @@ CASES = [
     Case("pass: the destroyed guest is not judged after its planned destroy",
          final(tracks=[], workloads=[], gone=("lin1",),
                faults=[FaultObs("destroy", 15.0, ended=True, ok=True, target="lin1")]), "PASS", "pass", 0),
+    Case("pass: the rebooted guest's workload is not judged after its planned reboot",
+         final(tracks=[], workloads=[], gone=("lin1",),
+               faults=[FaultObs("reboot", 10.0, ended=True, ok=True, target="lin1")]), "PASS", "pass", 0),
+    Case("hang: a reboot whose domain never came back",
+         live(faults=[FaultObs("reboot", 10.0, ended=True, ok=False, timed_out=True, target="lin1",
+                               detail="domain 1 of lin1 did not come back as a new domain within 120s")]),
+         "HANG", "fault-hang", 1, final=False),
+    Case("live: a guest away for a save-restore is not judged (the same stuck series is HANG otherwise)",
+         live(now=27.5, tracks=[hang_track()], samplers=samplers(27.0), faults=[save_restore(5.0, None)]),
+         "", "", 0, final=False),
+    Case("live: the stall clock starts again when the save-restore ended",
+         live(now=27.5, tracks=[hang_track()], samplers=samplers(27.0), faults=[save_restore(5.0, 20.0)]),
+         "", "", 0, final=False),
+    Case("hang: I/O that never resumed after a save-restore",
+         live(now=36.0, tracks=[hang_track()], samplers=samplers(36.0), faults=[save_restore(5.0, 20.0)]),
+         "HANG", "no-progress", 1, final=False),
+    Case("hang: the backend's totals off by 3 (no save-restore to explain them)",
+         final(tracks=[recounted_track()]), "HANG", "drain", 1),
+    Case("pass: totals not compared across a save-restore (both connections count what was pending)",
+         final(tracks=[recounted_track()], faults=[save_restore(5.0, 20.0)]), "PASS", "pass", 0),
     Case("interrupted stays error whatever the consoles show",
          final(lab_failures=[LabFailure("workload", "interrupted (Ctrl-C)")]), "ERROR", "lab-failure", 125,
          consoles=[CRASH_LINE], interrupted=True),
@@ -266,5 +303,8 @@ def test_after_teardown_table(before: decide.Verdict, td: object, verdict: str, 
 def test_a_pass_after_a_planned_destroy_says_so() -> None:
     v = decide.decide(final(tracks=[], workloads=[], gone=("lin1",)), CFG)
     assert v.verdict == "PASS" and "lin1 destroyed by a lifecycle fault as planned" in v.summary
+    rebooted = decide.decide(final(tracks=[], workloads=[], gone=("lin1",),
+                                   faults=[FaultObs("reboot", 10.0, ended=True, ok=True, target="lin1")]), CFG)
+    assert "lin1 rebooted by a lifecycle fault as planned" in rebooted.summary
     v = decide.decide(final(), CFG)
     assert v.summary == "all workloads finished, progressed and drained"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from labdata import DATA, FakeRunner, csv_rows, sample_values
 
-from lab import platform, platforms, scenario, workload
+from lab import platform, platforms, scenario, workload, xen
 from lab.errors import LabError
 from lab.platform.linux import dom0, guest
 
@@ -282,8 +282,22 @@ def test_stat_paths_shall_line_up_with_parse_vbd_sample() -> None:
     paths = dom0.LinuxDom0(FakeRunner(), timeout=5).stat_paths("vbd-1-51728", b)
     assert len(paths) == len(dom0.VBD_STATS) + 1
     assert [p.rsplit("/", 1)[-1] for p in paths[:-1]] == list(dom0.VBD_STATS)
-    assert all(p.startswith("/sys/bus/xen-backend/devices/vbd-1-51728/statistics/") for p in paths[:-1])
+    # through the link named after the backing device, which point_vbd moves
+    assert all(p.startswith("/run/lab/vbd/lab-lin1-xvdb/statistics/") for p in paths[:-1])
     assert paths[-1] == "/sys/block/dm-0/inflight"
+
+
+def test_the_dom0_sampler_shall_link_each_disk_then_read_through_the_links() -> None:
+    b = platform.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-0")
+    v = xen.VbdInfo(1, 51728, "xvdb", "vbd", "phy", "", "", "4", "4", 0, 1, 0, False)
+    r = FakeRunner()
+    d = dom0.LinuxDom0(r, timeout=5)
+    argv = d.sample_argv("0.5", [(v, b)])
+    assert argv[:2] == ["sh", "-c"]
+    assert argv[2].startswith("mkdir -p /run/lab/vbd && ln -sfn /sys/bus/xen-backend/devices/vbd-1-51728 "
+                              "/run/lab/vbd/lab-lin1-xvdb && exec lab-sample 0.5 /run/lab/vbd/lab-lin1-xvdb/")
+    d.point_vbd(b, "vbd-4-51728")  # after a save-restore the disk is domain 4's
+    assert "ln -sfn /sys/bus/xen-backend/devices/vbd-4-51728 /run/lab/vbd/lab-lin1-xvdb" in " ".join(r.calls[-1])
 
 
 def test_disk_by_serial_shall_need_exactly_one_match() -> None:

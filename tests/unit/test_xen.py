@@ -137,6 +137,8 @@ def test_render_xl_cfg_shall_hold_every_disk_and_the_extra_cmdline() -> None:
     assert "memory = 256" in cfg and "vcpus = 2" in cfg
     assert "mac=00:16:3e:00:00:0a" in cfg
     assert 'on_crash = "preserve"' in cfg, "a crashed guest stays for evidence"
+    assert 'on_reboot = "destroy"' in cfg, "an unplanned reboot must not come back unseen"
+    assert 'on_reboot = "restart"' in _cfg(restart_on_reboot=True), "a reboot fault's guest is built again"
 
 
 def test_render_xl_cfg_shall_refuse_a_missing_parameter() -> None:

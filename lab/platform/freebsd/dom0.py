@@ -75,6 +75,9 @@ class FreeBsdDom0(Dom0Base):
     def release_scripts(self, kind: str, b: Backing) -> list[str]:
         return [f"gnop configure -q 0 -x 0 -r 0 -w 0 {b.path}"]
 
+    def point_vbd(self, b: Backing, vbd_sysfs: str) -> None:
+        """Nothing to move: the loader refuses save-restore with a FreeBSD dom0."""
+
     def backend_leftovers(self, domids: list[int], backings: list[Backing]) -> list[str]:
         """After the teardown: no vbd node left in xenstore for those domains (xbbd
         has no module to unload and its ring threads are taskqueue threads)."""

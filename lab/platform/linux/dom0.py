@@ -20,6 +20,9 @@ from lab.xen import VbdInfo
 # (xenbus.c), the kernel keeps 15 characters: `ps -eo comm=` in dom0 shows 1.xvdb-0
 RING_THREAD = re.compile(r"(\d+)\.([a-z0-9]+)-(\d+)")
 
+BACKEND_DEVICES = "/sys/bus/xen-backend/devices"
+VBD_LINKS = "/run/lab/vbd"  # a link per test disk to its backend device: see point_vbd
+
 VBD_STATS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect")
 
 
@@ -58,15 +61,19 @@ class LinuxDom0(Dom0Base):
         self.r.run(["dmsetup", "remove", "--noudevsync", b.name], timeout=self.timeout)
 
     def stat_paths(self, vbd_sysfs: str, backing: Backing) -> list[str]:
-        base = f"/sys/bus/xen-backend/devices/{vbd_sysfs}/statistics"
+        base = f"{VBD_LINKS}/{backing.name}/statistics"
         return [f"{base}/{s}" for s in VBD_STATS] + [f"/sys/block/{backing.kname}/inflight"]
 
     def set_clock(self, epoch: int) -> None:
         self.r.run(["date", "-u", "-s", f"@{epoch}"], timeout=self.timeout)
 
     def sample_argv(self, interval: str, disks: list[tuple[VbdInfo, Backing]]) -> list[str]:
-        """One long-lived sampler for every test disk (images/common/lab-sample)."""
-        return ["lab-sample", interval, *[p for v, b in disks for p in self.stat_paths(v.sysfs_name, b)]]
+        """One long-lived sampler for every test disk (images/common/lab-sample),
+        reading each disk's statistics through a link `point_vbd` can move."""
+        links = "".join(f"ln -sfn {BACKEND_DEVICES}/{shlex.quote(v.sysfs_name)} {VBD_LINKS}/{shlex.quote(b.name)} && "
+                        for v, b in disks)
+        paths = " ".join(shlex.quote(p) for v, b in disks for p in self.stat_paths(v.sysfs_name, b))
+        return ["sh", "-c", f"mkdir -p {VBD_LINKS} && {links}exec lab-sample {shlex.quote(interval)} {paths}"]
 
     @staticmethod
     def parse_sample(values: list[str | None], n: int) -> list[dict[str, int] | None]:
@@ -134,6 +141,13 @@ class LinuxDom0(Dom0Base):
             + "true")
         out = self.r.run(["sh", "-c", script], timeout=self.timeout).stdout
         return parse_leftovers(out, domids)
+
+    def point_vbd(self, b: Backing, vbd_sysfs: str) -> None:
+        """The sampler reads a test disk's statistics through a link named after
+        its backing device (stable for the run); after a save-restore the disk is
+        a new backend device, and the link follows it."""
+        self.sh(f"ln -sfn {BACKEND_DEVICES}/{shlex.quote(vbd_sysfs)} {VBD_LINKS}/{shlex.quote(b.name)}",
+                stage="fault:save-restore")
 
     def unload_backend(self) -> str | None:
         """Once no disk uses it, xen-blkback must unload; a reference it forgot to
