@@ -175,15 +175,7 @@ def attach_one(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, v
     if ringfront.drives(sc.workloads, gu.cfg.name, vdev):
         gu.vbds[vdev] = attach_unbound(sc, l1, gu, xl, where, vdev, deadline)
         return gu.vbds[vdev]
-    b = gu.backings[vdev]
-    spec = f"format=raw, vdev={vdev}, access=rw, target={b.path}"
-    res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=max(1.0, deadline.remaining()))
-    if res.transport_error:
-        res.check("guest:attach")  # the lab lost dom0: ERROR
-    if not res.ok:
-        be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
-        raise DiskFailure("guest:attach", f"`xl block-attach {gu.cfg.name} {vdev}` failed "
-                          f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
+    _block_attach(l1, gu, xl, vdev, deadline)
     gu.vbds[vdev] = wait_connected(sc, gu, xl, vdev, where, deadline)
     check_negotiated(gu, vdev, gu.cfg)
     return gu.vbds[vdev]
@@ -206,15 +198,7 @@ def attach_unbound(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Wher
                        + "; ".join(ln.strip() for ln in missing.splitlines() if ln.strip()))
     gu.runner.run(gp.autoprobe_argv(False), timeout=dl.command).check("guest:attach")
     try:
-        b = gu.backings[vdev]
-        spec = f"format=raw, vdev={vdev}, access=rw, target={b.path}"
-        res = l1.dom0.run(["xl", "block-attach", name, spec], timeout=max(1.0, deadline.remaining()))
-        if res.transport_error:
-            res.check("guest:attach")  # the lab lost dom0: ERROR
-        if not res.ok:
-            be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
-            raise DiskFailure("guest:attach", f"`xl block-attach {name} {vdev}` failed "
-                              f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
+        _block_attach(l1, gu, xl, vdev, deadline)
         info = wait_unbound(sc, gu, xl, vdev, where, deadline)
     finally:
         restored = gu.runner.run(gp.autoprobe_argv(True), timeout=dl.command)
@@ -238,22 +222,13 @@ def wait_unbound(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Whe
     moved on, or a driver bound, is the kernel's blkfront: refused (LabError);
     a backend that never gets to InitWait is the backend's FAIL."""
     devid = VDEV_DEVID[vdev]
-    last = ""
     while True:
-        be_raw = xl.xenstore_raw("/local/domain/0/backend")
-        fe_raw = xl.xenstore_raw(f"/local/domain/{gu.domid}/device/vbd")
-        be, fe = parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw)
+        raw, info, last = _vbd_now(gu, xl, vdev)
 
-        def keep(be_raw: str = be_raw, fe_raw: str = fe_raw) -> None:
-            (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+        def keep(raw: str = raw) -> None:
+            (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(raw)
 
-        info = None
-        try:
-            info = vbd_info(gu.domid, vdev, be, fe)
-        except LabError as e:
-            last = e.message
         if info is not None:
-            last = f"backend state {info.state_backend or '?'}, frontend state {info.state_frontend or '?'}"
             if info.state_frontend not in ("", XENBUS_INITIALISING) or info.state_backend in ("3", XENBUS_CONNECTED):
                 keep()
                 raise LabError("guest:attach", _refusal(gu.cfg.name, vdev, f"{last}: a frontend connected it"))
@@ -280,6 +255,32 @@ def wait_unbound(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Whe
         time.sleep(0.5)
 
 
+def _block_attach(l1: L1, gu: Guest, xl: Xl, vdev: str, deadline: Deadline) -> None:
+    """`xl block-attach` of a test disk on its backing device: the lab losing dom0
+    is ERROR, the toolstack refusing it is the backend's FAIL."""
+    spec = f"format=raw, vdev={vdev}, access=rw, target={gu.backings[vdev].path}"
+    res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=max(1.0, deadline.remaining()))
+    if res.transport_error:
+        res.check("guest:attach")  # the lab lost dom0: ERROR
+    if not res.ok:
+        be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
+        raise DiskFailure("guest:attach", f"`xl block-attach {gu.cfg.name} {vdev}` failed "
+                          f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
+
+
+def _vbd_now(gu: Guest, xl: Xl, vdev: str) -> tuple[str, VbdInfo | None, str]:
+    """Both xenstore trees as read now (kept as evidence), the disk's VbdInfo if
+    it is there, and a line saying where it stands."""
+    be_raw = xl.xenstore_raw("/local/domain/0/backend")  # every kind: a qdisk would be seen too
+    fe_raw = xl.xenstore_raw(f"/local/domain/{gu.domid}/device/vbd")
+    try:
+        info = vbd_info(gu.domid, vdev, parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw))
+    except LabError as e:
+        return be_raw + "\n" + fe_raw, None, e.message
+    return (be_raw + "\n" + fe_raw, info,
+            f"backend state {info.state_backend or '?'}, frontend state {info.state_frontend or '?'}")
+
+
 def check_negotiated(gu: Guest, vdev: str, want: scenario.GuestCfg) -> None:
     """The connected disk negotiated what its frontend's limits and the backend's
     offer allow (a backend that keeps a stale ring size or persistent grants the
@@ -304,30 +305,21 @@ def wait_connected(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: W
                     deadline: Deadline) -> VbdInfo:
     """Both ends Connected (xenbus state 4) and the disk present in the guest, within
     the guest-create deadline; a disk that never gets there is the backend's FAIL."""
-    last = ""
     while True:
-        be_raw = xl.xenstore_raw("/local/domain/0/backend")  # every kind: a qdisk would be seen too
-        fe_raw = xl.xenstore_raw(f"/local/domain/{gu.domid}/device/vbd")
-        be, fe = parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw)
-        info = None
-        try:
-            info = vbd_info(gu.domid, vdev, be, fe)
-        except LabError as e:
-            last = e.message
+        raw, info, last = _vbd_now(gu, xl, vdev)
         if info is not None:
-            last = f"backend state {info.state_backend or '?'}, frontend state {info.state_frontend or '?'}"
             if {info.state_backend, info.state_frontend} & XENBUS_GIVING_UP:
-                (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+                (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(raw)
                 err = xl.xenstore_raw("/local/domain/0/error")
                 why = "; ".join(v for k, v in parse_xenstore_ls(err).items() if k.endswith("/error")) or "no error node"
                 raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} was closed before it connected "
                                   f"({last}; backend's error: {why})")
             if (info.state_backend == info.state_frontend == XENBUS_CONNECTED
                     and gu.runner.run(gu.os.disk_present_argv(vdev), timeout=10).ok):
-                (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+                (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(raw)
                 return info
         if deadline.expired():
-            (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(be_raw + "\n" + fe_raw)
+            (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(raw)
             if info is None and "qdisk" in last:
                 raise LabError("guest:attach", last)  # the lab's configuration, not the backend
             raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} never connected within "

@@ -139,19 +139,28 @@ class Lifecycle:
                 return bad
             restored = time.monotonic() - t
             gu.domid = self.xl.domid(f.guest)
-            for vdev in list(gu.vbds):
-                try:
-                    gu.vbds[vdev] = wait_connected(self.sc, gu, self.xl, vdev, self.where,
-                                                   Deadline(self.sc.deadlines.guest_create))
-                    check_negotiated(gu, vdev, gu.cfg)
-                except DiskFailure as e:
-                    return Outcome(False, failed=f"after xl restore: {e.message}")
-                self.l1.ops.point_vbd(gu.backings[vdev], gu.vbds[vdev].sysfs_name)
+            bad = self._connected_again(gu, "after xl restore")
+            if bad is not None:
+                return bad
             return Outcome(True, detail=f"xl save {saved:.1f}s (domain {old}: nothing left in dom0), xl restore "
                            f"{restored:.1f}s (domain {gu.domid}: {', '.join(gu.vbds)} Connected again)")
         finally:
             dom0.run(["rm", "-f", path], timeout=STEP_SECONDS)
 
+
+    def _connected_again(self, gu: Guest, when: str) -> Outcome | None:
+        """Every test disk of a guest that came back as a new domain Connected,
+        with what its limits allow, and the sampler following its new backend
+        device; None when so, else the Outcome that says which did not."""
+        for vdev in list(gu.vbds):
+            try:
+                gu.vbds[vdev] = wait_connected(self.sc, gu, self.xl, vdev, self.where,
+                                               Deadline(self.sc.deadlines.guest_create))
+                check_negotiated(gu, vdev, gu.cfg)
+            except DiskFailure as e:
+                return Outcome(False, failed=f"{when}: {e.message}")
+            self.l1.ops.point_vbd(gu.backings[vdev], gu.vbds[vdev].sysfs_name)
+        return None
 
     def reboot(self, f: FaultCfg) -> Outcome:
         """`xl reboot` under load: the guest shuts down with its workload running
@@ -190,15 +199,11 @@ class Lifecycle:
             gu.runner.connect(Deadline(self.sc.deadlines.guest_ssh), stage="fault:reboot")
         except LabError as e:
             return Outcome(False, transport_error=f"{f.guest} did not answer SSH after its reboot: {e.message}")
+        bad = self._connected_again(gu, "after xl reboot")
+        if bad is not None:
+            return bad
         done = []
         for vdev in list(gu.vbds):
-            try:
-                gu.vbds[vdev] = wait_connected(self.sc, gu, self.xl, vdev, self.where,
-                                               Deadline(self.sc.deadlines.guest_create))
-                check_negotiated(gu, vdev, gu.cfg)
-            except DiskFailure as e:
-                return Outcome(False, failed=f"after xl reboot: {e.message}")
-            self.l1.ops.point_vbd(gu.backings[vdev], gu.vbds[vdev].sysfs_name)
             res = gu.runner.run(gu.os.io_check_argv(vdev), timeout=IO_SECONDS)
             if res.transport_error:
                 return Outcome(False, transport_error=res.transport_error)

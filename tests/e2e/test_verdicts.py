@@ -134,3 +134,25 @@ def test_a_backend_that_refuses_the_test_disk_is_fail_and_bisect_names_it(result
     res = bisect.bisect("default", repo, shas[0], shas[-1], runs=1, results_root=results)
     print("\n".join(bisect.summary_lines(res)))
     assert res["first_bad"] == shas[2], json.dumps(res, indent=1)
+
+
+@pytest.mark.nightly
+@pytest.mark.parametrize(("bug", "catches", "verdict"), [
+    ("stale-ring", "ring-reconnect", "FAIL"),  # a reconnect with another ring size is refused
+    ("busy-forgets", "destroy-under-load", "FAIL"),  # a ring busy at destroy is never released
+    ("free-order", "default", "CRASH"),  # every disconnect after I/O is a kernel BUG
+])
+def test_a_seeded_lifecycle_bug_gets_its_verdict_on_the_preset_that_exercises_it(
+        tmp_path: Path, lab_run: LabRun, bug: str, catches: str, verdict: str) -> None:
+    """Each seeded lifecycle bug (tests/e2e/blkback_series.py) is caught by the
+    preset that runs its path; the bugs that a plain run does not reach pass
+    `default`."""
+    m = images.ensure_image("linux-dom0").manifest
+    repo = tmp_path / "blkback"
+    shas = make_series(repo, pristine_tree(m["packages"][f"linux-image-{m['kernel_abi']}"]), bad_at=1, total=1,
+                       bug=bug)
+    subprocess.run(["git", "-C", str(repo), "checkout", "-q", shas[1]], check=True)
+    rec = lab_run(catches, backend=str(repo))
+    assert rec["verdict"] == verdict, rec["summary"]
+    if catches != "default":
+        assert lab_run("default", backend=str(repo))["verdict"] == "PASS"
