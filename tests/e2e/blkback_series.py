@@ -104,7 +104,9 @@ def _stale_ring(xenbus: str) -> str:
     xen_blkif_disconnect is gone and connect_ring keeps what it finds. A frontend
     that reconnects with another ring size is mapped with the old one (its ring
     refs not found, or a ring of the wrong size); a first connect, a detach and
-    attach (a fresh device) or a reconnect with the same ring are unharmed."""
+    attach (a fresh device) or a reconnect with the same ring are unharmed. Seen
+    for real on ring-reconnect: "22 reading .../ring-ref" (a one-page read of a
+    four-page frontend), then a WARNING in xen_blkif_disconnect: CRASH."""
     assert RING_ORDER in xenbus and RESET_PAGES in xenbus, "connect_ring()/xen_blkif_disconnect() not as expected"
     xenbus = xenbus.replace(RESET_PAGES, "", 1)
     return xenbus.replace(RING_ORDER, STALE_ORDER, 1)

@@ -221,4 +221,6 @@ def test_hostile_frontend_gets_each_expected_answer_and_the_neighbour_progresses
     assert {h["case"] for h in hostile} == {"too-many-segments", "bad-grant-ref", "out-of-range-sector",
                                             "prod-ahead", "kill-with-outstanding"}
     assert all(h["ok"] for h in hostile), hostile
+    kill = next(h for h in hostile if h["case"] == "kill-with-outstanding")
+    assert "with 0 reads outstanding" not in kill["got"], kill  # the kill must leave requests behind
     assert rec["workloads"][1]["result"]["errors"] == 0
