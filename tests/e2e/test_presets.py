@@ -224,3 +224,17 @@ def test_hostile_frontend_gets_each_expected_answer_and_the_neighbour_progresses
     kill = next(h for h in hostile if h["case"] == "kill-with-outstanding")
     assert "with 0 reads outstanding" not in kill["got"], kill  # the kill must leave requests behind
     assert rec["workloads"][1]["result"]["errors"] == 0
+
+
+@pytest.mark.nightly
+def test_ring_behaviours_each_served_and_counted(lab_run: LabRun) -> None:
+    """blkring's bursty mixed ops (indirect, persistent, two pages), verified
+    writes and busy-polled writes: no error response, no verify mismatch, and
+    blkback's totals equal to blkring's for each disk."""
+    rec = _run("ring-behaviours", lab_run)
+    assert rec["verdict"] == "PASS", rec.get("summary")
+    by_disk = {w["disk"]: w["result"]["extra"] for w in rec["workloads"]}
+    assert by_disk["xvdb"]["ring"]["indirect"] and by_disk["xvdb"]["ring"]["pages"] == 2
+    assert by_disk["xvdb"]["completed"]["flush"] > 0 and by_disk["xvdb"]["completed"]["discard"] > 0
+    assert by_disk["xvdc"]["verify"]["checked"] > 0 and by_disk["xvdc"]["verify"]["mismatches"] == 0
+    assert all(d["totals_match"] for d in rec["drain"].values()), rec["drain"]
