@@ -87,9 +87,9 @@ def to_xml(cases: Sequence[Case], *, suite: str = "xen-blklab") -> ET.Element:
             for k, v in c.properties.items():
                 ET.SubElement(props, "property", name=k, value=v)
         if c.verdict in FAILURES:
-            ET.SubElement(tc, "failure", message=c.message, type=c.verdict).text = f"{c.verdict}: {c.message}"
+            ET.SubElement(tc, "failure", message=c.message, type=c.verdict).text = _text(c)
         elif c.verdict != "PASS":
-            ET.SubElement(tc, "error", message=c.message, type=c.verdict).text = f"{c.verdict}: {c.message}"
+            ET.SubElement(tc, "error", message=c.message, type=c.verdict).text = _text(c)
         if c.output:
             ET.SubElement(tc, "system-out").text = c.output
     return root
@@ -105,3 +105,8 @@ def write(path: Path, cases: Sequence[Case], *, suite: str = "xen-blklab") -> Pa
     tree.write(tmp, encoding="utf-8", xml_declaration=True)
     tmp.replace(path)
     return path
+
+
+def _text(c: Case) -> str:
+    """The verdict, then the summary (which a HANG's already starts with)."""
+    return c.message if c.message.startswith(f"{c.verdict}:") else f"{c.verdict}: {c.message}"

@@ -76,3 +76,15 @@ def test_lab_run_and_bisect_write_junit(tmp_path: Path, monkeypatch: pytest.Monk
     (case,) = ET.parse(tmp_path / "bisect.xml").getroot().findall("testsuite/testcase")
     err = case.find("error")
     assert err is not None and err.get("message") == "lab failed: boot"
+
+
+def test_a_summary_that_names_its_verdict_is_not_prefixed_twice() -> None:
+    """A HANG's summary starts with "HANG:" already (a real bisect step printed
+    "HANG: HANG: guest lin1 xvdb: ..." before)."""
+    from lab import junit
+
+    hang = junit.Case(name="s", verdict="HANG", message="HANG: guest lin1 xvdb: stuck")
+    fail = junit.Case(name="s", verdict="FAIL", message="lin1/xvdb: errors")
+    xml = junit.to_xml([hang, fail])
+    texts = [e.text for e in xml.iter("failure")]
+    assert texts == ["HANG: guest lin1 xvdb: stuck", "FAIL: lin1/xvdb: errors"]
