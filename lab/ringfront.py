@@ -25,7 +25,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from lab.errors import ScenarioError
-from lab.scenario import RING_HOSTILE_CASES, RING_MAX_RECONNECTS, WorkloadCfg
+from lab.scenario import RING_HOSTILE_CASES, RING_MAX_QUEUES, RING_MAX_RECONNECTS, WorkloadCfg
 from lab.xen import VDEV_DEVID
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ def job_options(w: WorkloadCfg, device: str) -> dict[str, str]:
         "segments": str(r.segments),
         "depth": str(r.depth),
         "ring_page_order": str(r.ring_page_order),
+        "queues": str(r.queues),
         "persistent": "1" if r.persistent else "0",
         "notify": r.notify,
         "poll": "1" if r.poll else "0",
@@ -98,6 +99,8 @@ def ring_job(w: WorkloadCfg, device: str) -> str:
     problems += [f"reconnect order {o!r} (expected 0..4)" for o in orders if not 0 <= o <= 4]
     if len(orders) > RING_MAX_RECONNECTS:
         problems.append(f"{len(orders)} reconnect orders (at most {RING_MAX_RECONNECTS})")
+    if not 1 <= w.ring.queues <= RING_MAX_QUEUES:
+        problems.append(f"queues {w.ring.queues!r} (expected 1..{RING_MAX_QUEUES})")
     opts = job_options(w, device)
     problems += [f"{k}={v!r}" for k, v in opts.items() if not _JOB_VALUE.fullmatch(v)]
     if problems:

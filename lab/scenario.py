@@ -86,12 +86,13 @@ class GuestCfg:
 # The userspace frontend's malformed requests (images/blkring/blkring.c), each
 # with its expected outcome asserted by the program.
 RING_HOSTILE_CASES = ("too-many-segments", "bad-grant-ref", "out-of-range-sector", "prod-ahead",
-                      "kill-with-outstanding")
+                      "kill-with-outstanding", "slot-reuse", "reconnect-mid-flight")
 RING_MAX_SEGMENTS = 256  # blkback's MAX_INDIRECT_SEGMENTS
 # grants the lab lets xen-gntalloc hand out in a guest (its own default is 1024):
 # every ring page, data page and indirect page of the userspace frontend is one
 RING_GRANT_LIMIT = 8192
 RING_MAX_RECONNECTS = 8  # blkring's MAX_RECONNECTS
+RING_MAX_QUEUES = 16  # blkring's MAX_QUEUES
 RING_MIN_PHASE = 5.0  # seconds of I/O each connection of a reconnect schedule gets at least
 
 
@@ -105,6 +106,9 @@ class RingCfg:
     segments: int = 1  # 4 KiB pages per request; more than 11 = indirect descriptors
     depth: int = 0  # requests kept in flight; 0 = every ring slot
     ring_page_order: int = 0  # a ring of 2^order pages (32 << order slots), capped at the backend's offer
+    # rings (multi-queue-num-queues), each with its own event channel and kept as
+    # full as one ring is; capped at the backend's multi-queue-max-queues
+    queues: int = 1
     persistent: bool = False  # offer persistent grants (feature-persistent)
     notify: Literal["always", "needed"] = "always"  # an event per push, or only when the backend asks
     poll: bool = False  # busy-poll the ring instead of waiting for events
@@ -385,6 +389,9 @@ def _check_ring(s: Scenario, i: int, err: typing.Callable[[str, str], ScenarioEr
                   f"(more than 11 uses indirect descriptors), got {r.segments}")
     if not 0 <= r.ring_page_order <= 4:
         raise err(f"{path}.ring.ring_page_order", f"expected 0..4 (a ring of 1..16 pages), got {r.ring_page_order}")
+    if not 1 <= r.queues <= RING_MAX_QUEUES:
+        raise err(f"{path}.ring.queues", f"expected 1..{RING_MAX_QUEUES} rings (multi-queue-num-queues, capped at "
+                  f"the backend's multi-queue-max-queues), got {r.queues}")
     _check_reconnects(s, i, err)
     orders = (r.ring_page_order, *r.reconnect_orders)
     smallest, largest = min(orders), max(orders)
@@ -417,16 +424,18 @@ def _check_ring(s: Scenario, i: int, err: typing.Callable[[str, str], ScenarioEr
             raise err(f"{path}.ring.settle", f"a reconnect idles {idle:g}s (2 x settle"
                       f"{' + halt_wait' if 'prod-ahead' in r.hostile else ''}), not less than "
                       f"watchdog.stall_window ({s.watchdog.stall_window:g}s): it would read as a stall")
-    # one connection's grants at a time (a close frees them): the largest ring's
+    # one connection's grants at a time (a close frees them): the largest rings',
+    # each queue's as many as one ring's
     slots = r.depth or 32 << largest
-    grants = (1 << largest) + slots * (r.segments + (-(-r.segments // 512) if r.segments > 11 else 0))
+    grants = r.queues * ((1 << largest) + slots * (r.segments + (-(-r.segments // 512) if r.segments > 11 else 0)))
     if grants > RING_GRANT_LIMIT:
-        raise err(f"{path}.ring", f"{slots} slots of {r.segments} pages need {grants} grants, more than the "
-                  f"{RING_GRANT_LIMIT} the lab gives xen-gntalloc: lower depth or segments")
+        queues = f"{r.queues} queues of " if r.queues > 1 else ""
+        raise err(f"{path}.ring", f"{queues}{slots} slots of {r.segments} pages need {grants} grants, more than "
+                  f"the {RING_GRANT_LIMIT} the lab gives xen-gntalloc: lower depth, segments or queues")
     disk = next(d for d in s.guest(w.guest).disks if d.vdev == w.disk)
     blocks = disk.size // (r.segments * 4096)
-    if r.verify and blocks < 2 * slots:
-        raise err(f"{path}.ring.verify", f"verify needs at least {2 * slots} blocks of {r.segments * 4} KiB on "
+    if r.verify and blocks < 2 * slots * r.queues:
+        raise err(f"{path}.ring.verify", f"verify needs at least {2 * slots * r.queues} blocks of {r.segments * 4} KiB on "
                   f"{w.guest}/{w.disk} ({disk.size} bytes holds {blocks})")
 
 

@@ -26,6 +26,14 @@
  * where the backend puts its responses (probe_ring()), so a backend that keeps
  * an earlier connection's ring is named, not merely seen to hang.
  *
+ * Several queues (--queues N): with the backend's multi-queue-max-queues >= 2
+ * the connection has min(N, offer) rings (multi-queue-num-queues, queue-<i>/
+ * ring-ref.. and event-channel; ring-page-order stays at the device's level,
+ * as blkfront writes it), each with its own port on the one evtchn file and
+ * `depth` slots of its own, so every ring is kept full by the same loop; a
+ * slot's id says its queue. After each connect every queue must answer a read
+ * on its own ring (check_queues()): fewer serving queues is a problem.
+ *
  * Output: one JSON object (stdout, or --output FILE written aside and renamed)
  * and, every 200 ms, a one-line counter file for the lab's guest sampler
  * (--stat FILE, see write_stat()). lab/ringfront.py parses both.
@@ -34,7 +42,9 @@
  * response nobody asked for, a verify mismatch, a hostile case whose
  * expectation failed, requests never completed, a response for no request, a
  * reconnect the backend refused, a ring of another size than the one granted,
- * a scheduled connection that completed nothing); 2 usage; 3 could not set up or connect (the JSON's "fatal" says where).
+ * fewer queues serving than min(asked, offered), a scheduled connection that
+ * completed nothing, a backend stuck in Closing after a close mid-flight); 2
+ * usage; 3 could not set up or connect (the JSON's "fatal" says where).
  *
  * Build (the lab does this on L0, lab/images.py):
  *   gcc -std=gnu11 -O2 -static -Wall -Wextra -Werror -o blkring blkring.c
@@ -209,11 +219,13 @@ static const char *const OPS[] = { "read", "write", "flush", "discard", "mixed" 
 enum { END_CLOSE, END_LINGER };
 static const char *const AT_END[] = { "close", "linger" };
 
-enum { H_SEGMENTS, H_GREF, H_RANGE, H_PROD, H_KILL, H_COUNT };
+enum { H_SEGMENTS, H_GREF, H_RANGE, H_PROD, H_KILL, H_REUSE, H_MIDFLIGHT, H_COUNT };
 static const char *const CASES[H_COUNT] = { "too-many-segments", "bad-grant-ref", "out-of-range-sector",
-					    "prod-ahead", "kill-with-outstanding" };
+					    "prod-ahead", "kill-with-outstanding", "slot-reuse",
+					    "reconnect-mid-flight" };
 
 #define MAX_RECONNECTS 8
+#define MAX_QUEUES 16 /* blkring's limit; blkback offers multi-queue-max-queues (dom0's vCPUs by default) */
 struct opts {
 	unsigned devid;
 	bool have_devid;
@@ -223,10 +235,12 @@ struct opts {
 	unsigned segments; /* pages per request; > 11 = indirect */
 	unsigned depth; /* requests kept in flight; 0 = every slot */
 	unsigned ring_order;
+	unsigned queues; /* rings asked for (multi-queue-num-queues), capped at the backend's offer */
 	bool persistent, notify_always, busy_poll, verify;
 	int hostile[H_COUNT];
 	unsigned nhostile;
 	double burst_gap, halt_wait, connect_timeout, drain_timeout, linger_max;
+	double close_timeout; /* how long the backend may take to follow Closing and Closed */
 	double settle; /* idle seconds around each reconnect (see reconnect()) */
 	unsigned reconnect_orders[MAX_RECONNECTS], nreconnect; /* the schedule's later phases */
 	uint64_t size_bytes; /* the part of the disk used; 0 = all */
@@ -236,8 +250,8 @@ struct opts {
 
 static struct opts O = {
 	.duration = 30, .behaviour = B_AGGRESSIVE, .op = OP_READ, .at_end = END_CLOSE, .rwmixread = 50,
-	.segments = 1, .notify_always = true, .halt_wait = 2, .connect_timeout = 30, .drain_timeout = 60,
-	.linger_max = 3600,
+	.segments = 1, .queues = 1, .notify_always = true, .halt_wait = 2, .connect_timeout = 30, .drain_timeout = 60,
+	.linger_max = 3600, .close_timeout = 10,
 };
 
 /* ------------------------------------------------------------------ state */
@@ -253,30 +267,40 @@ struct slot {
 	bool answered; /* its response arrived since it was last submitted */
 	uint8_t op; /* OP_READ .. OP_DISCARD */
 	uint8_t vphase; /* verify: 0 = pattern write in flight, 1 = read-back in flight */
+	uint8_t extra; /* more requests with this slot's id on the ring (slot-reuse): answered first */
 	int16_t status; /* the last response's */
 	uint32_t nsect;
 	uint64_t sector, gen, t0;
 };
 
-struct conn {
-	int gfd, efd;
+/* One ring of a connection: with multi-queue-num-queues = N, blkback serves N of
+ * them, each with its own pages and event channel (queue-<i>/ring-ref..,
+ * queue-<i>/event-channel); one queue keeps the nodes at the device's level. */
+struct queue {
+	struct blkif_sring *sring;
+	grant_ref_t ring_grefs[16];
 	uint32_t port;
+	RING_IDX req_prod_pvt, rsp_cons;
+	unsigned inflight; /* = req_prod_pvt - rsp_cons while the ring is sane */
+};
+
+struct conn {
+	int gfd, efd; /* one event channel file: every queue's port is bound on it */
 	unsigned backend_id, number;
 	char be[256]; /* the backend's xenstore directory */
-	struct blkif_sring *sring;
-	unsigned pages, size; /* ring pages, ring entries */
-	grant_ref_t ring_grefs[16];
-	uint8_t *data; /* depth x segments pages */
+	struct queue q[MAX_QUEUES];
+	unsigned nq; /* queues of this connection: min(--queues, the backend's offer) */
+	unsigned pages, size; /* ring pages, ring entries (each queue's) */
+	uint8_t *data; /* nq x depth x segments pages */
 	grant_ref_t *data_grefs;
 	size_t ndata;
 	uint8_t *ind; /* depth x ipp indirect pages */
 	grant_ref_t *ind_grefs;
 	size_t nind;
 	unsigned ipp; /* indirect pages per request (0: direct segments) */
-	RING_IDX req_prod_pvt, rsp_cons;
-	unsigned inflight; /* = req_prod_pvt - rsp_cons while the ring is sane */
+	unsigned inflight; /* over all queues */
 	/* what the backend offered */
-	unsigned max_order, max_indirect;
+	unsigned max_order, max_indirect, max_queues;
 	bool be_persistent, flush, discard;
 	uint64_t sectors;
 	unsigned sector_size;
@@ -297,6 +321,7 @@ struct conncount {
  * what went through it. `problem` is empty while it is sound. */
 struct conninfo {
 	unsigned requested_order, max_order, allowed_pages, pages, entries, depth;
+	unsigned queues, queues_serving; /* negotiated; seen to answer on their own ring (check_queues()) */
 	bool connected, scheduled; /* scheduled: a phase of the run, which must complete requests */
 	uint64_t requests, okay, error, other;
 	char problem[400];
@@ -328,8 +353,10 @@ static struct conn C = { .gfd = -1, .efd = -1 };
 static struct stats ST;
 static struct slot *S;
 static unsigned *freelist;
-static unsigned nfree, depth, nsect_req;
-static unsigned slot_cap; /* S and freelist hold this many: the largest ring of the run */
+static unsigned nfree, depth, nslots, nsect_req; /* depth: a queue's slots; nslots: every queue's */
+static unsigned slot_cap; /* S and freelist hold this many: the largest rings of the run */
+static uint64_t q_requests[MAX_QUEUES], q_completed[MAX_QUEUES]; /* per queue, over the run */
+static const char *lost_why; /* the device can no longer be used (a hostile case left it so) */
 static unsigned cur_order; /* the ring page order the next connect asks for */
 static struct conninfo conns[MAX_CONNS];
 static unsigned nconns;
@@ -619,18 +646,33 @@ static void *grant_pages(unsigned count, grant_ref_t *grefs, const char *what)
 	return p;
 }
 
-static void notify(void)
+static void notify(unsigned q)
 {
-	struct ioctl_evtchn_notify n = { .port = C.port };
+	struct ioctl_evtchn_notify n = { .port = C.q[q].port };
 	if (ioctl(C.efd, IOCTL_EVTCHN_NOTIFY, &n) < 0)
-		fatal("io", "IOCTL_EVTCHN_NOTIFY port %u: %s", C.port, strerror(errno));
+		fatal("io", "IOCTL_EVTCHN_NOTIFY port %u: %s", C.q[q].port, strerror(errno));
 	ST.notifies++;
 }
 
 /* ------------------------------------------------------------------ the ring */
-static union blkif_request *req_at(RING_IDX i)
+/* Slots are numbered over the queues: queue q has slots q*depth .. q*depth +
+ * depth - 1, so each queue's ring is kept as full as a single ring is, and a
+ * request's id (its slot) is unique over the connection. */
+static unsigned queue_of(unsigned si)
 {
-	return &C.sring->ring[i & (C.size - 1)].req;
+	return si / depth;
+}
+
+static union blkif_request *req_at(unsigned q, RING_IDX i)
+{
+	return &C.q[q].sring->ring[i & (C.size - 1)].req;
+}
+
+/* where slot si's next request goes */
+static union blkif_request *req_next(unsigned si)
+{
+	unsigned q = queue_of(si);
+	return req_at(q, C.q[q].req_prod_pvt);
 }
 
 static uint8_t *slot_page(unsigned si, unsigned seg)
@@ -643,25 +685,33 @@ static grant_ref_t slot_gref(unsigned si, unsigned seg)
 	return C.data_grefs[(size_t)si * O.segments + seg];
 }
 
-/* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY (ring.h): the requests are written
- * before req_prod moves (release), and req_event is read only after req_prod
- * is visible (a full barrier: a store then a load). `force`: notify anyway,
- * the aggressive frontend's habit. */
+/* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY (ring.h), on every queue with new
+ * requests: the requests are written before req_prod moves (release), and
+ * req_event is read only after req_prod is visible (a full barrier: a store
+ * then a load). `force`: notify anyway, the aggressive frontend's habit. */
 static void push(bool force)
 {
-	RING_IDX old = __atomic_load_n(&C.sring->req_prod, __ATOMIC_RELAXED);
-	RING_IDX new = C.req_prod_pvt;
-	__atomic_store_n(&C.sring->req_prod, new, __ATOMIC_RELEASE);
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	RING_IDX ev = __atomic_load_n(&C.sring->req_event, __ATOMIC_RELAXED);
-	bool needed = (RING_IDX)(new - ev) < (RING_IDX)(new - old);
-	if (force || needed)
-		notify();
+	for (unsigned q = 0; q < C.nq; q++) {
+		struct queue *Q = &C.q[q];
+		RING_IDX old = __atomic_load_n(&Q->sring->req_prod, __ATOMIC_RELAXED);
+		RING_IDX new = Q->req_prod_pvt;
+		if (new == old)
+			continue;
+		__atomic_store_n(&Q->sring->req_prod, new, __ATOMIC_RELEASE);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		RING_IDX ev = __atomic_load_n(&Q->sring->req_event, __ATOMIC_RELAXED);
+		bool needed = (RING_IDX)(new - ev) < (RING_IDX)(new - old);
+		if (force || needed)
+			notify(q);
+	}
 }
 
 static void mark_submitted(unsigned si, uint8_t op, uint64_t sector, uint32_t nsect, uint8_t kind)
 {
 	struct slot *s = &S[si];
+	unsigned q = queue_of(si);
+	if (s->busy) /* slot-reuse: a second request with the id of one still out */
+		s->extra++;
 	s->busy = true;
 	s->answered = false;
 	s->kind = kind;
@@ -669,8 +719,10 @@ static void mark_submitted(unsigned si, uint8_t op, uint64_t sector, uint32_t ns
 	s->sector = sector;
 	s->nsect = nsect;
 	s->t0 = now_ns();
-	C.req_prod_pvt++;
+	C.q[q].req_prod_pvt++;
+	C.q[q].inflight++;
 	C.inflight++;
+	q_requests[q]++;
 	ST.requests++;
 	conn_now()->requests++;
 	peak_inflight(s->t0);
@@ -679,7 +731,7 @@ static void mark_submitted(unsigned si, uint8_t op, uint64_t sector, uint32_t ns
 /* A well-formed request of slot `si` at the next free ring index. */
 static void put_request(unsigned si, uint8_t op, uint64_t sector)
 {
-	union blkif_request *r = req_at(C.req_prod_pvt);
+	union blkif_request *r = req_next(si);
 	uint32_t nsect = nsect_req;
 	memset(r, 0, sizeof *r);
 	if (op == OP_FLUSH) {
@@ -813,7 +865,7 @@ static void write_stat(void)
 		return;
 	char tmp[300], line[512];
 	uint64_t t = now_ns(), oldest = t;
-	for (unsigned i = 0; i < depth; i++)
+	for (unsigned i = 0; i < nslots; i++)
 		if (S[i].busy && S[i].t0 < oldest)
 			oldest = S[i].t0;
 	snprintf(tmp, sizeof tmp, "%s.tmp", O.stat);
@@ -884,7 +936,7 @@ static uint64_t verify_block(void)
 	for (;;) {
 		uint64_t b = verify_next++ % nblocks;
 		bool held = false;
-		for (unsigned i = 0; i < depth && !held; i++)
+		for (unsigned i = 0; i < nslots && !held; i++)
 			held = S[i].busy && S[i].sector == b * nsect_req;
 		if (!held)
 			return b;
@@ -927,13 +979,24 @@ static void next_request(unsigned si)
 }
 
 /* ------------------------------------------------------------------ responses */
-static void complete(unsigned si, int16_t status)
+/* A response for slot si. Returns true when the slot is free again: a slot
+ * with a reused id (slot-reuse) has one response per request, and only the
+ * last one frees it; each is counted as blkback counts each request. */
+static bool complete(unsigned si, int16_t status)
 {
 	struct slot *s = &S[si];
 	uint64_t t = now_ns();
-	s->busy = false;
-	s->answered = true;
+	unsigned q = queue_of(si);
+	bool last = s->extra == 0;
+	if (last) {
+		s->busy = false;
+		s->answered = true;
+	} else {
+		s->extra--;
+	}
 	s->status = status;
+	C.q[q].inflight--;
+	q_completed[q]++;
 	C.inflight--;
 	ST.total_completed++;
 	ST.series_done[series_index(t)]++;
@@ -978,7 +1041,7 @@ static void complete(unsigned si, int16_t status)
 		break;
 	}
 	if (s->kind != K_NORMAL)
-		return;
+		return last;
 	uint64_t us = (t - s->t0) / 1000;
 	ST.hist[hist_bucket(us)]++;
 	ST.lat_n++;
@@ -987,7 +1050,7 @@ static void complete(unsigned si, int16_t status)
 		ST.lat_max_us = us;
 	if (status != BLKIF_RSP_OKAY) {
 		ST.unexpected_errors++;
-		return;
+		return last;
 	}
 	if (s->op == OP_READ)
 		ST.bytes_read += (uint64_t)s->nsect * SECTOR;
@@ -1004,36 +1067,49 @@ static void complete(unsigned si, int16_t status)
 		s->vphase = 0;
 		s->answered = false; /* the next request of this slot is a new write */
 	}
+	return last;
 }
 
-/* RING_FOR_EACH response: rsp_prod is read with acquire so the responses are
- * read after it. A backend that produces more responses than there are
- * requests, or answers an id no request had, is broken: counted and named. */
+/* RING_FOR_EACH response, on every queue: rsp_prod is read with acquire so
+ * the responses are read after it. A backend that produces more responses than
+ * there are requests, or answers an id no request of that queue had, is
+ * broken: counted and named. `then` gets each slot a response freed. */
 static unsigned reap(void (*then)(unsigned si))
 {
-	RING_IDX rp = __atomic_load_n(&C.sring->rsp_prod, __ATOMIC_ACQUIRE);
-	RING_IDX outstanding = C.req_prod_pvt - C.rsp_cons;
-	if ((RING_IDX)(rp - C.rsp_cons) > outstanding) {
-		ST.bogus_responses++;
-		fatal("io", "the backend's rsp_prod %u is %u past our rsp_cons %u with only %u requests on the ring", rp,
-		      (unsigned)(rp - C.rsp_cons), C.rsp_cons, outstanding);
-	}
 	unsigned n = 0;
-	while (C.rsp_cons != rp) {
-		struct blkif_response rsp;
-		memcpy(&rsp, &C.sring->ring[C.rsp_cons & (C.size - 1)].rsp, sizeof rsp);
-		C.rsp_cons++;
-		n++;
-		if (rsp.id >= depth || !S[rsp.id].busy) {
+	for (unsigned q = 0; q < C.nq; q++) {
+		struct queue *Q = &C.q[q];
+		RING_IDX rp = __atomic_load_n(&Q->sring->rsp_prod, __ATOMIC_ACQUIRE);
+		RING_IDX outstanding = Q->req_prod_pvt - Q->rsp_cons;
+		if ((RING_IDX)(rp - Q->rsp_cons) > outstanding) {
 			ST.bogus_responses++;
-			C.inflight--; /* it took a ring slot all the same */
-			continue;
+			fatal("io", "queue %u: the backend's rsp_prod %u is %u past our rsp_cons %u with only %u requests "
+			      "on the ring", q, rp, (unsigned)(rp - Q->rsp_cons), Q->rsp_cons, outstanding);
 		}
-		complete((unsigned)rsp.id, rsp.status);
-		if (then)
-			then((unsigned)rsp.id);
+		while (Q->rsp_cons != rp) {
+			struct blkif_response rsp;
+			memcpy(&rsp, &Q->sring->ring[Q->rsp_cons & (C.size - 1)].rsp, sizeof rsp);
+			Q->rsp_cons++;
+			n++;
+			if (rsp.id >= nslots || !S[rsp.id].busy || queue_of((unsigned)rsp.id) != q) {
+				ST.bogus_responses++;
+				Q->inflight--; /* it took a ring slot all the same */
+				C.inflight--;
+				continue;
+			}
+			if (complete((unsigned)rsp.id, rsp.status) && then)
+				then((unsigned)rsp.id);
+		}
 	}
 	return n;
+}
+
+static bool responses_waiting(void)
+{
+	for (unsigned q = 0; q < C.nq; q++)
+		if (__atomic_load_n(&C.q[q].sring->rsp_prod, __ATOMIC_ACQUIRE) != C.q[q].rsp_cons)
+			return true;
+	return false;
 }
 
 /* Sleep until the backend may have responded: ask for an event at the next
@@ -1044,9 +1120,10 @@ static void wait_responses(unsigned timeout_ms)
 {
 	if (O.busy_poll)
 		return;
-	__atomic_store_n(&C.sring->rsp_event, C.rsp_cons + 1, __ATOMIC_RELAXED);
+	for (unsigned q = 0; q < C.nq; q++)
+		__atomic_store_n(&C.q[q].sring->rsp_event, C.q[q].rsp_cons + 1, __ATOMIC_RELAXED);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	if (__atomic_load_n(&C.sring->rsp_prod, __ATOMIC_ACQUIRE) != C.rsp_cons)
+	if (responses_waiting())
 		return;
 	struct pollfd p = { .fd = C.efd, .events = POLLIN };
 	if (poll(&p, 1, (int)timeout_ms) <= 0)
@@ -1056,7 +1133,7 @@ static void wait_responses(unsigned timeout_ms)
 	if (r > 0) {
 		ST.events += (uint64_t)r / sizeof(uint32_t);
 		if (write(C.efd, ports, (size_t)r) != r)
-			fatal("io", "unmasking event channel port %u: %s", C.port, strerror(errno));
+			fatal("io", "unmasking event channel port %u: %s", ports[0], strerror(errno));
 	}
 }
 
@@ -1083,7 +1160,7 @@ static unsigned pop_free(void)
 static void rebuild_freelist(void)
 {
 	nfree = 0;
-	for (unsigned i = depth; i-- > 0;)
+	for (unsigned i = nslots; i-- > 0;)
 		if (!S[i].busy)
 			freelist[nfree++] = i;
 }
@@ -1116,9 +1193,11 @@ static void conn_free(void)
 	if (!C.live)
 		return;
 	drop_all_but_ring();
-	if (C.sring)
-		munmap(C.sring, (size_t)C.pages * PAGE);
-	C.sring = NULL;
+	for (unsigned q = 0; q < MAX_QUEUES; q++) {
+		if (C.q[q].sring)
+			munmap(C.q[q].sring, (size_t)C.pages * PAGE);
+		C.q[q].sring = NULL;
+	}
 	C.live = false;
 }
 
@@ -1129,7 +1208,7 @@ static bool vbd_bound_in_guest(void)
 	return access(p, F_OK) == 0;
 }
 
-/* The largest ring the run asks for, in entries: S and freelist are that long. */
+/* The largest ring the run asks for, in entries (one queue's). */
 static unsigned largest_ring(void)
 {
 	unsigned order = O.ring_order;
@@ -1144,17 +1223,25 @@ static unsigned largest_ring(void)
  * then ring-refN or ring-ref, so a stale ring-page-order beside a fresh
  * ring-ref would make it map an old connection's grant refs (refs the kernel
  * hands out again at once). Real frontends keep one ring size, so they never
- * meet this; a frontend that changes it must clean up. */
+ * meet this; a frontend that changes it must clean up. The same holds for the
+ * queues: connect_ring() reads multi-queue-num-queues (absent: 1) and then each
+ * queue-<i>/ directory, so a stale count would send it to old queues' refs. */
 static bool rm_ring_nodes(char *why, size_t cap)
 {
 	char p[128];
-	for (int i = -2; i < 16; i++) {
-		if (i == -2)
+	for (int i = -4; i < 16 + MAX_QUEUES; i++) {
+		if (i == -4)
+			snprintf(p, sizeof p, "%s/multi-queue-num-queues", fedir);
+		else if (i == -3)
+			snprintf(p, sizeof p, "%s/event-channel", fedir);
+		else if (i == -2)
 			snprintf(p, sizeof p, "%s/ring-page-order", fedir);
 		else if (i == -1)
 			snprintf(p, sizeof p, "%s/ring-ref", fedir);
-		else
+		else if (i < 16)
 			snprintf(p, sizeof p, "%s/ring-ref%d", fedir, i);
+		else /* the directory and everything in it */
+			snprintf(p, sizeof p, "%s/queue-%d", fedir, i - 16);
 		int e = xs_rm(p);
 		if (e && e != -ENOENT) {
 			snprintf(why, cap, "xenstore rm %s (a node of an earlier connection): %s", p, strerror(-e));
@@ -1203,14 +1290,20 @@ static bool conn_open(bool first, char *why, size_t cap)
 	C.max_indirect = (unsigned)xs_uint(p, 0);
 	snprintf(p, sizeof p, "%s/feature-persistent", C.be);
 	C.be_persistent = xs_uint(p, 0) == 1;
+	snprintf(p, sizeof p, "%s/multi-queue-max-queues", C.be); /* absent: one ring */
+	C.max_queues = (unsigned)xs_uint(p, 1);
+	if (C.max_queues < 1)
+		C.max_queues = 1;
 
 	unsigned order = cur_order < C.max_order ? cur_order : C.max_order;
 	C.pages = 1u << order;
 	C.size = ring_entries(C.pages);
+	C.nq = O.queues < C.max_queues ? O.queues : C.max_queues;
 	if (first) {
 		slot_cap = largest_ring();
 		if (O.depth && O.depth < slot_cap)
 			slot_cap = O.depth;
+		slot_cap *= O.queues; /* room for every queue asked for */
 		S = calloc(slot_cap, sizeof *S);
 		freelist = calloc(slot_cap, sizeof *freelist);
 		if (!S || !freelist)
@@ -1218,10 +1311,12 @@ static bool conn_open(bool first, char *why, size_t cap)
 	}
 	/* each connection keeps its own ring full (or --depth of it) */
 	depth = O.depth && O.depth < C.size ? O.depth : C.size;
+	nslots = depth * C.nq;
 	ci->max_order = C.max_order;
 	ci->allowed_pages = ci->pages = C.pages;
 	ci->entries = C.size;
 	ci->depth = depth;
+	ci->queues = C.nq;
 	C.ipp = 0;
 	if (O.segments > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
 		if (C.max_indirect < O.segments)
@@ -1235,14 +1330,18 @@ static bool conn_open(bool first, char *why, size_t cap)
 	if ((C.efd = open("/dev/xen/evtchn", O_RDWR | O_CLOEXEC)) < 0)
 		fatal("setup", "/dev/xen/evtchn: %s (is xen-evtchn loaded?)", strerror(errno));
 	C.live = true;
-	C.sring = grant_pages(C.pages, C.ring_grefs, "ring");
-	/* SHARED_RING_INIT and FRONT_RING_INIT (the pages come zeroed) */
-	memset(C.sring, 0, (size_t)C.pages * PAGE);
-	C.sring->req_event = C.sring->rsp_event = 1;
-	C.req_prod_pvt = C.rsp_cons = 0;
+	for (unsigned q = 0; q < C.nq; q++) {
+		struct queue *Q = &C.q[q];
+		Q->sring = grant_pages(C.pages, Q->ring_grefs, "ring");
+		/* SHARED_RING_INIT and FRONT_RING_INIT (the pages come zeroed) */
+		memset(Q->sring, 0, (size_t)C.pages * PAGE);
+		Q->sring->req_event = Q->sring->rsp_event = 1;
+		Q->req_prod_pvt = Q->rsp_cons = 0;
+		Q->inflight = 0;
+	}
 	C.inflight = 0;
 
-	C.ndata = (size_t)depth * O.segments;
+	C.ndata = (size_t)nslots * O.segments;
 	C.data_grefs = calloc(C.ndata, sizeof *C.data_grefs);
 	if (!C.data_grefs)
 		fatal("connect", "out of memory");
@@ -1251,13 +1350,13 @@ static bool conn_open(bool first, char *why, size_t cap)
 	for (size_t i = 0; i < C.ndata * PAGE / 8; i++)
 		((uint64_t *)(void *)C.data)[i] = PATTERN_MAGIC ^ i;
 	if (C.ipp) {
-		C.nind = (size_t)depth * C.ipp;
+		C.nind = (size_t)nslots * C.ipp;
 		C.ind_grefs = calloc(C.nind, sizeof *C.ind_grefs);
 		if (!C.ind_grefs)
 			fatal("connect", "out of memory");
 		C.ind = grant_pages((unsigned)C.nind, C.ind_grefs, "indirect pages");
 		/* each slot's descriptors never change: its own data pages in order */
-		for (unsigned si = 0; si < depth; si++)
+		for (unsigned si = 0; si < nslots; si++)
 			for (unsigned i = 0; i < O.segments; i++) {
 				struct blkif_request_segment *seg =
 					(struct blkif_request_segment *)(void *)(C.ind + ((size_t)si * C.ipp) * PAGE) + i;
@@ -1267,27 +1366,45 @@ static bool conn_open(bool first, char *why, size_t cap)
 			}
 	}
 
-	struct ioctl_evtchn_bind_unbound_port b = { .remote_domain = C.backend_id };
-	int port = ioctl(C.efd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, &b);
-	if (port < 0)
-		fatal("connect", "IOCTL_EVTCHN_BIND_UNBOUND_PORT for domain %u: %s", C.backend_id, strerror(errno));
-	C.port = (uint32_t)port;
+	for (unsigned q = 0; q < C.nq; q++) {
+		struct ioctl_evtchn_bind_unbound_port b = { .remote_domain = C.backend_id };
+		int port = ioctl(C.efd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, &b);
+		if (port < 0)
+			fatal("connect", "IOCTL_EVTCHN_BIND_UNBOUND_PORT for domain %u (queue %u): %s", C.backend_id, q,
+			      strerror(errno));
+		C.q[q].port = (uint32_t)port;
+	}
 
 	if (!rm_ring_nodes(why, cap))
 		return false;
-	if (C.pages == 1) {
-		snprintf(p, sizeof p, "%s/ring-ref", fedir);
-		xs_write_or_die("connect", p, "%u", C.ring_grefs[0]);
-	} else {
+	/* as blkfront's talk_to_blkback(): ring-page-order at the device's level,
+	 * the refs and the port of one queue there too, of several in queue-<i>/ */
+	if (C.pages > 1) {
 		snprintf(p, sizeof p, "%s/ring-page-order", fedir);
 		xs_write_or_die("connect", p, "%u", order);
-		for (unsigned i = 0; i < C.pages; i++) {
-			snprintf(p, sizeof p, "%s/ring-ref%u", fedir, i);
-			xs_write_or_die("connect", p, "%u", C.ring_grefs[i]);
-		}
 	}
-	snprintf(p, sizeof p, "%s/event-channel", fedir);
-	xs_write_or_die("connect", p, "%u", C.port);
+	if (C.nq > 1) {
+		snprintf(p, sizeof p, "%s/multi-queue-num-queues", fedir);
+		xs_write_or_die("connect", p, "%u", C.nq);
+	}
+	for (unsigned q = 0; q < C.nq; q++) {
+		char dir[96];
+		if (C.nq > 1)
+			snprintf(dir, sizeof dir, "%s/queue-%u", fedir, q);
+		else
+			snprintf(dir, sizeof dir, "%s", fedir);
+		if (C.pages == 1) {
+			snprintf(p, sizeof p, "%s/ring-ref", dir);
+			xs_write_or_die("connect", p, "%u", C.q[q].ring_grefs[0]);
+		} else {
+			for (unsigned i = 0; i < C.pages; i++) {
+				snprintf(p, sizeof p, "%s/ring-ref%u", dir, i);
+				xs_write_or_die("connect", p, "%u", C.q[q].ring_grefs[i]);
+			}
+		}
+		snprintf(p, sizeof p, "%s/event-channel", dir);
+		xs_write_or_die("connect", p, "%u", C.q[q].port);
+	}
 	snprintf(p, sizeof p, "%s/protocol", fedir);
 	xs_write_or_die("connect", p, "x86_64-abi");
 	snprintf(p, sizeof p, "%s/feature-persistent", fedir);
@@ -1327,8 +1444,10 @@ static bool conn_open(bool first, char *why, size_t cap)
 	C.number++;
 	ci->connected = true;
 	ST.conn_completed = 0;
-	for (unsigned i = 0; i < slot_cap; i++)
+	for (unsigned i = 0; i < slot_cap; i++) {
 		S[i].busy = S[i].answered = false;
+		S[i].extra = 0;
+	}
 	rebuild_freelist();
 	return true;
 }
@@ -1338,15 +1457,15 @@ static bool conn_open(bool first, char *why, size_t cap)
 static bool conn_close(char *why, size_t cap)
 {
 	set_fe_state("close", XB_CLOSING);
-	int st = wait_backend(BIT(XB_CLOSING) | BIT(XB_CLOSED), 10);
+	int st = wait_backend(BIT(XB_CLOSING) | BIT(XB_CLOSED), O.close_timeout);
 	if (st != XB_CLOSING && st != XB_CLOSED) {
-		snprintf(why, cap, "backend in state %d 10s after the frontend wrote Closing", st);
+		snprintf(why, cap, "backend in state %d %.0fs after the frontend wrote Closing", st, O.close_timeout);
 		return false;
 	}
 	set_fe_state("close", XB_CLOSED);
-	st = wait_backend(BIT(XB_CLOSED), 10);
+	st = wait_backend(BIT(XB_CLOSED), O.close_timeout);
 	if (st != XB_CLOSED) {
-		snprintf(why, cap, "backend in state %d 10s after the frontend wrote Closed", st);
+		snprintf(why, cap, "backend in state %d %.0fs after the frontend wrote Closed", st, O.close_timeout);
 		return false;
 	}
 	conn_free();
@@ -1373,70 +1492,127 @@ static void settle(void)
  * 32 (one page against more), the last at entries / 2. A well-behaved backend
  * costs entries / 2 + 1 plain reads, counted as any other. */
 #define PROBE_ID 0x5052000000000000ull /* "PR" in the top bytes, the ring index below */
-static bool probe_ring(char *why, size_t cap)
+static bool probe_queue(unsigned q, char *why, size_t cap)
 {
 	const unsigned smallest = ring_entries(1);
+	const unsigned si = q * depth; /* the queue's first slot */
 	struct conninfo *ci = conn_now();
-	for (RING_IDX at = C.req_prod_pvt; C.size > smallest && at <= C.size / 2; at = C.req_prod_pvt) {
-		put_request(0, OP_READ, (rnd() % nblocks) * nsect_req);
-		union blkif_request *r = req_at(at);
+	struct queue *Q = &C.q[q];
+	char qname[24] = "";
+	if (C.nq > 1)
+		snprintf(qname, sizeof qname, " of queue %u", q);
+	for (RING_IDX at = Q->req_prod_pvt; C.size > smallest && at <= C.size / 2; at = Q->req_prod_pvt) {
+		put_request(si, OP_READ, (rnd() % nblocks) * nsect_req);
+		union blkif_request *r = req_at(q, at);
 		r->rw.id = PROBE_ID | at; /* at offset 8 in every request layout */
 		for (unsigned s = smallest; s < C.size; s *= 2)
 			if ((at & (s - 1)) != (at & (C.size - 1)))
-				memcpy(&C.sring->ring[at & (s - 1)].req, r, sizeof *r);
+				memcpy(&Q->sring->ring[at & (s - 1)].req, r, sizeof *r);
 		push(true);
 		uint64_t end = now_ns() + (uint64_t)(O.connect_timeout * 1e9);
-		while (__atomic_load_n(&C.sring->rsp_prod, __ATOMIC_ACQUIRE) == C.rsp_cons) {
+		while (__atomic_load_n(&Q->sring->rsp_prod, __ATOMIC_ACQUIRE) == Q->rsp_cons) {
 			if (stop_requested)
 				return true; /* the run ends: the drain collects this request */
 			if (now_ns() >= end) {
-				snprintf(why, cap, "ring-size probe: request %u of a %u-entry ring got no response within %.0fs",
-					 at, C.size, O.connect_timeout);
+				snprintf(why, cap, "ring-size probe: request %u of a %u-entry ring%s got no response within %.0fs",
+					 at, C.size, qname, O.connect_timeout);
 				return false;
 			}
 			tick();
 			wait_responses(50);
 		}
-		RING_IDX rp = __atomic_load_n(&C.sring->rsp_prod, __ATOMIC_ACQUIRE);
-		if (rp - C.rsp_cons != 1) {
+		RING_IDX rp = __atomic_load_n(&Q->sring->rsp_prod, __ATOMIC_ACQUIRE);
+		if (rp - Q->rsp_cons != 1) {
 			ST.bogus_responses++;
-			snprintf(why, cap, "ring-size probe: rsp_prod moved %u for one request (index %u)",
-				 (unsigned)(rp - C.rsp_cons), at);
+			snprintf(why, cap, "ring-size probe: rsp_prod%s moved %u for one request (index %u)", qname,
+				 (unsigned)(rp - Q->rsp_cons), at);
 			return false;
 		}
 		unsigned found = 0; /* the largest ring whose slot holds the response */
 		for (unsigned s = C.size; s >= smallest && !found; s /= 2) {
 			uint64_t id;
-			memcpy(&id, &C.sring->ring[at & (s - 1)].rsp.id, sizeof id);
+			memcpy(&id, &Q->sring->ring[at & (s - 1)].rsp.id, sizeof id);
 			if (id == (PROBE_ID | at))
 				found = s;
 		}
-		C.rsp_cons++;
+		Q->rsp_cons++;
 		if (!found) {
 			ST.bogus_responses++;
+			Q->inflight--;
 			C.inflight--;
-			S[0].busy = false;
-			snprintf(why, cap, "ring-size probe: the response to request %u is in no slot a ring of %u..%u "
-				 "entries would put it in", at, smallest, C.size);
+			S[si].busy = false;
+			snprintf(why, cap, "ring-size probe: the response to request %u%s is in no slot a ring of %u..%u "
+				 "entries would put it in", at, qname, smallest, C.size);
 			return false;
 		}
 		struct blkif_response rsp;
-		memcpy(&rsp, &C.sring->ring[at & (found - 1)].rsp, sizeof rsp);
-		complete(0, rsp.status);
+		memcpy(&rsp, &Q->sring->ring[at & (found - 1)].rsp, sizeof rsp);
+		complete(si, rsp.status);
 		if (found != C.size) {
 			ci->entries = found;
 			ci->pages = found / smallest;
 			snprintf(why, cap,
-				 "the backend serves a ring of %u entries (%u page%s), not the %u pages (%u entries) the "
+				 "the backend serves a ring%s of %u entries (%u page%s), not the %u pages (%u entries) the "
 				 "frontend granted (ring-page-order %u asked, the backend's max-ring-page-order %u allows "
 				 "it): the response to request %u landed in slot %u, not %u",
-				 found, ci->pages, ci->pages == 1 ? "" : "s", C.pages, C.size, ci->requested_order,
+				 qname, found, ci->pages, ci->pages == 1 ? "" : "s", C.pages, C.size, ci->requested_order,
 				 C.max_order, at, at & (found - 1), at & (C.size - 1));
 			return false;
 		}
 	}
-	S[0].answered = false;
+	S[si].answered = false;
 	return true;
+}
+
+/* With several queues, each must answer on its own ring: one read each, all
+ * at once. The queues asked for are min(--queues, multi-queue-max-queues);
+ * fewer serving is a problem (a backend that took only queue 0's nodes, or
+ * answers on the wrong ring, is named). */
+static bool check_queues(char *why, size_t cap)
+{
+	struct conninfo *ci = conn_now();
+	ci->queues_serving = 1;
+	if (C.nq < 2)
+		return true;
+	for (unsigned q = 0; q < C.nq; q++)
+		put_request(q * depth, OP_READ, (rnd() % nblocks) * nsect_req);
+	push(true);
+	uint64_t end = now_ns() + (uint64_t)(O.connect_timeout * 1e9);
+	unsigned serving = 0;
+	for (;;) {
+		reap(NULL);
+		tick();
+		serving = 0;
+		for (unsigned q = 0; q < C.nq; q++)
+			serving += !S[q * depth].busy;
+		if (serving == C.nq || now_ns() >= end || stop_requested)
+			break;
+		wait_responses(50);
+	}
+	ci->queues_serving = serving;
+	for (unsigned q = 0; q < C.nq; q++)
+		S[q * depth].answered = false;
+	if (serving == C.nq || stop_requested)
+		return true;
+	char which[80] = "";
+	size_t n = 0;
+	for (unsigned q = 0; q < C.nq && n < sizeof which - 8; q++)
+		if (S[q * depth].busy)
+			n += (size_t)snprintf(which + n, sizeof which - n, "%s%u", n ? "," : "", q);
+	snprintf(why, cap,
+		 "%u of the %u queues answered a read within %.0fs (expected min(%u asked, %u offered) = %u; no "
+		 "response on queue %s)",
+		 serving, C.nq, O.connect_timeout, O.queues, C.max_queues, C.nq, which);
+	return false;
+}
+
+/* Which ring size the backend serves, on each queue, and that every queue serves. */
+static bool probe_ring(char *why, size_t cap)
+{
+	for (unsigned q = 0; q < C.nq; q++)
+		if (!probe_queue(q, why, cap))
+			return false;
+	return check_queues(why, cap);
 }
 
 /* Close, then Initialising: blkback logs "prepare for reconnect" and goes
@@ -1446,11 +1622,19 @@ static bool probe_ring(char *why, size_t cap)
  * see this connection's final statistics, the one after it their drop to 0:
  * it continues the series across the reconnect from exactly those
  * (lab/sampling.py rebase), so the drain's accounting still compares. */
+static bool reopen(unsigned order, char *why, size_t cap);
 static bool reconnect(unsigned order, char *why, size_t cap)
 {
 	settle();
 	if (!conn_close(why, cap))
 		return false;
+	return reopen(order, why, cap);
+}
+
+/* After a close (both ends Closed, the connection freed): settle, Initialising,
+ * InitWait, connect and measure. */
+static bool reopen(unsigned order, char *why, size_t cap)
+{
 	settle();
 	conn_begin(order);
 	set_fe_state("reconnect", XB_INITIALISING);
@@ -1591,6 +1775,21 @@ static const char *status_name(int16_t st)
 	}
 }
 
+/* Whatever is on the rings is given up (a case that broke the ring, or a closed
+ * connection's requests that never came back). */
+static void forget_rings(void)
+{
+	for (unsigned q = 0; q < C.nq; q++) {
+		C.q[q].req_prod_pvt = C.q[q].rsp_cons = 0;
+		C.q[q].inflight = 0;
+	}
+	C.inflight = 0;
+	for (unsigned i = 0; i < nslots; i++) {
+		S[i].busy = false;
+		S[i].extra = 0;
+	}
+}
+
 /* after an error case: does the ring still serve a plain read? */
 static bool still_serves(char *got, size_t cap)
 {
@@ -1614,15 +1813,15 @@ static bool probe_reads(char *got, size_t cap)
 	uint64_t ok0 = ST.okay;
 	bool all = wait_answered(-1, 10, to_freelist);
 	unsigned okay = (unsigned)(ST.okay - ok0);
-	snprintf(got, cap, "%u/%u reads okay after reconnect%s", okay, depth, all ? "" : " (some never answered)");
+	snprintf(got, cap, "%u/%u reads okay after reconnect%s", okay, nslots, all ? "" : " (some never answered)");
 	rebuild_freelist();
-	return all && okay == depth;
+	return all && okay == nslots;
 }
 
 /* One malformed request on the idle ring, built by `build` into `r`. */
 static void error_case(struct case_result *res, uint8_t op, void (*build)(union blkif_request *r))
 {
-	union blkif_request *r = req_at(C.req_prod_pvt);
+	union blkif_request *r = req_next(0);
 	memset(r, 0, sizeof *r);
 	build(r);
 	mark_submitted(0, op, 0, 0, K_MALFORMED);
@@ -1688,27 +1887,25 @@ static void case_prod_ahead(struct case_result *res)
 	/* RING_REQUEST_PROD_OVERFLOW: req_prod more than a ring ahead of the
 	 * responses. blkback warns "Frontend provided bogus ring requests" and
 	 * stops serving the ring until it is disconnected. */
-	RING_IDX bogus = C.req_prod_pvt + 2 * C.size;
-	RING_IDX rsp0 = __atomic_load_n(&C.sring->rsp_prod, __ATOMIC_ACQUIRE);
-	__atomic_store_n(&C.sring->req_prod, bogus, __ATOMIC_RELEASE);
+	struct queue *Q = &C.q[0];
+	RING_IDX bogus = Q->req_prod_pvt + 2 * C.size;
+	RING_IDX rsp0 = __atomic_load_n(&Q->sring->rsp_prod, __ATOMIC_ACQUIRE);
+	__atomic_store_n(&Q->sring->req_prod, bogus, __ATOMIC_RELEASE);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	notify();
+	notify(0);
 	uint64_t end = now_ns() + (uint64_t)(O.halt_wait * 1e9);
 	while (now_ns() < end) {
 		tick();
 		sleep_ms(20);
 	}
-	RING_IDX rsp1 = __atomic_load_n(&C.sring->rsp_prod, __ATOMIC_ACQUIRE);
+	RING_IDX rsp1 = __atomic_load_n(&Q->sring->rsp_prod, __ATOMIC_ACQUIRE);
 	bool halted = rsp1 == rsp0;
 	size_t n = (size_t)snprintf(res->got, sizeof res->got, "%s within %.1fs",
 				    halted ? "no response" : "responses", O.halt_wait);
 	if (!halted)
 		n += (size_t)snprintf(res->got + n, sizeof res->got - n, " (%u of them)", (unsigned)(rsp1 - rsp0));
 	/* the ring is garbage from here: forget it, reconnect */
-	C.req_prod_pvt = C.rsp_cons = 0;
-	C.inflight = 0;
-	for (unsigned i = 0; i < depth; i++)
-		S[i].busy = false;
+	forget_rings();
 	char why[400];
 	if (!reconnect(cur_order, why, sizeof why)) {
 		snprintf(res->got + n, sizeof res->got - n, "; close + reconnect failed: %.200s", why);
@@ -1746,7 +1943,9 @@ static void case_kill(struct case_result *res)
 			pause();
 	}
 	drop_all_but_ring();
-	RING_IDX before = __atomic_load_n(&C.sring->rsp_prod, __ATOMIC_ACQUIRE) - C.rsp_cons;
+	RING_IDX before = 0;
+	for (unsigned q = 0; q < C.nq; q++)
+		before += __atomic_load_n(&C.q[q].sring->rsp_prod, __ATOMIC_ACQUIRE) - C.q[q].rsp_cons;
 	kill(pid, SIGKILL);
 	int wst = 0;
 	while (waitpid(pid, &wst, 0) < 0 && errno == EINTR)
@@ -1764,10 +1963,7 @@ static void case_kill(struct case_result *res)
 				    "%u okay, %u error, %u not within 5s; ",
 				    killed ? "killed" : "did not die by SIGKILL", pushed - (unsigned)before, (unsigned)before,
 				    (unsigned)(ST.okay - ok0), (unsigned)(ST.error - err0), C.inflight);
-	C.inflight = 0;
-	C.req_prod_pvt = C.rsp_cons = 0;
-	for (unsigned i = 0; i < depth; i++)
-		S[i].busy = false;
+	forget_rings();
 	char why[400];
 	if (!reconnect(cur_order, why, sizeof why)) {
 		snprintf(res->got + n, sizeof res->got - n, "close + reconnect failed: %.200s", why);
@@ -1778,7 +1974,144 @@ static void case_kill(struct case_result *res)
 	res->ok = killed && serves;
 }
 
-static void run_hostile(void)
+static void case_slot_reuse(struct case_result *res)
+{
+	/* A frontend that reuses an id whose response has not come yet: a second
+	 * request with slot 0's id goes in while the first is out. blkback keeps
+	 * no table of ids, it echoes each, so a sound backend answers both and
+	 * the ring serves on; this program counts the second response as the
+	 * slot's second (struct slot's extra), not as one for no request. */
+	uint64_t ok0 = ST.okay, err0 = ST.error, other0 = ST.eopnotsupp + ST.other_status;
+	uint64_t bogus0 = ST.bogus_responses;
+	uint64_t sector = (rnd() % nblocks) * nsect_req;
+	put_request(0, OP_READ, sector);
+	push(true);
+	struct queue *Q = &C.q[0];
+	bool early = __atomic_load_n(&Q->sring->rsp_prod, __ATOMIC_ACQUIRE) == Q->rsp_cons;
+	put_request(0, OP_READ, sector);
+	push(true);
+	bool answered = wait_answered(0, 5, NULL);
+	unsigned okay = (unsigned)(ST.okay - ok0), error = (unsigned)(ST.error - err0);
+	unsigned other = (unsigned)(ST.eopnotsupp + ST.other_status - other0);
+	unsigned bogus = (unsigned)(ST.bogus_responses - bogus0);
+	size_t n = (size_t)snprintf(res->got, sizeof res->got,
+				    "the second request with id 0 went in %s; responses with that id: %u okay, %u error, "
+				    "%u other%s",
+				    early ? "while the first was outstanding" : "after the first was answered (not early)",
+				    okay, error, other, answered ? "" : ", not both within 5s");
+	if (bogus)
+		n += (size_t)snprintf(res->got + n, sizeof res->got - n, "; %u for no request", bogus);
+	bool ok = answered && okay == 2 && error == 0 && other == 0 && bogus == 0;
+	if (answered) {
+		bool serves = still_serves(res->got + n, sizeof res->got - n);
+		ok = ok && serves;
+	}
+	res->ok = ok;
+}
+
+/* the backend's state, waited for while collecting responses */
+static int wait_backend_reaping(unsigned want, double seconds)
+{
+	uint64_t end = now_ns() + (uint64_t)(seconds * 1e9);
+	for (;;) {
+		reap(NULL);
+		tick();
+		int st = be_state();
+		if (want & BIT(st))
+			return st;
+		if (now_ns() >= end)
+			return st;
+		sleep_ms(10);
+	}
+}
+
+/* Returns false when the device can no longer be used (lost_why says why). */
+static bool case_mid_flight(struct case_result *res)
+{
+	/* A full ring of reads against a slow backing device, then Closing and
+	 * Closed while they are out. blkback keeps serving in Closing; at Closed
+	 * xen_blkif_disconnect() stops the ring's thread and, with requests in
+	 * flight, takes its busy path (-EBUSY: the ring stays mapped, the
+	 * event channel bound) and switches to Closed anyway; what was in flight
+	 * completes later onto the old ring; the next connect finishes the
+	 * disconnect. Expected: Closed within --close-timeout, the responses
+	 * collected, and a reconnect that serves. */
+	unsigned pushed = 0;
+	while (nfree) {
+		put_request(pop_free(), OP_READ, (rnd() % nblocks) * nsect_req);
+		pushed++;
+	}
+	push(true);
+	/* the backend took every request once req_event is past them
+	 * (RING_FINAL_CHECK_FOR_REQUESTS): only then can none be dropped unseen */
+	uint64_t end = now_ns() + 2000000000ull;
+	bool taken = false;
+	while (!taken && now_ns() < end) {
+		taken = true;
+		for (unsigned q = 0; q < C.nq; q++)
+			taken = taken && __atomic_load_n(&C.q[q].sring->req_event, __ATOMIC_ACQUIRE) ==
+						 C.q[q].req_prod_pvt + 1;
+		if (!taken)
+			sleep_ms(1);
+	}
+	uint64_t ok0 = ST.okay, err0 = ST.error;
+	unsigned at_closing = C.inflight;
+	set_fe_state("hostile", XB_CLOSING);
+	int st = wait_backend_reaping(BIT(XB_CLOSING) | BIT(XB_CLOSED), O.close_timeout);
+	size_t n = (size_t)snprintf(res->got, sizeof res->got,
+				    "%u reads pushed (%s), %u outstanding at Closing; ", pushed,
+				    taken ? "all taken" : "not all taken within 2s", at_closing);
+	if (st != XB_CLOSING && st != XB_CLOSED) {
+		snprintf(res->got + n, sizeof res->got - n, "the backend stayed in state %d %.0fs after Closing (5)", st,
+			 O.close_timeout);
+		res->ok = false;
+		lost_why = "not closed: the backend did not follow Closing";
+		forget_rings();
+		conn_free();
+		return false;
+	}
+	unsigned at_closed = C.inflight;
+	uint64_t t_closed = now_ns();
+	set_fe_state("hostile", XB_CLOSED);
+	st = wait_backend_reaping(BIT(XB_CLOSED), O.close_timeout);
+	double took = (double)(now_ns() - t_closed) / 1e9;
+	if (st != XB_CLOSED) {
+		snprintf(res->got + n, sizeof res->got - n,
+			 "the backend stayed in state %d%s %.1fs after the frontend wrote Closed (6) with %u reads in "
+			 "flight (%u still unanswered)",
+			 st, st == XB_CLOSING ? " (Closing)" : "", took, at_closed, C.inflight);
+		res->ok = false;
+		lost_why = "not closed: the backend stayed in Closing";
+		forget_rings();
+		conn_free();
+		return false;
+	}
+	/* what still lands on the old ring (no port may be bound any more: poll) */
+	end = now_ns() + 5000000000ull;
+	while (C.inflight && now_ns() < end) {
+		reap(NULL);
+		tick();
+		sleep_ms(10);
+	}
+	n += (size_t)snprintf(res->got + n, sizeof res->got - n,
+			      "%u at Closed; the backend Closed after %.2fs; responses since Closing: %u okay, %u error, "
+			      "%u never within 5s; ",
+			      at_closed, took, (unsigned)(ST.okay - ok0), (unsigned)(ST.error - err0), C.inflight);
+	forget_rings();
+	conn_free();
+	char why[400];
+	if (!reopen(cur_order, why, sizeof why)) {
+		snprintf(res->got + n, sizeof res->got - n, "the reconnect failed: %.200s", why);
+		res->ok = false;
+		lost_why = "closed: the reconnect after reconnect-mid-flight failed";
+		return false;
+	}
+	res->ok = probe_reads(res->got + n, sizeof res->got - n);
+	return true;
+}
+
+/* Returns false when a case left no device to go on with. */
+static bool run_hostile(void)
 {
 	for (unsigned k = 0; k < O.nhostile && !stop_requested; k++) {
 		int c = O.hostile[k];
@@ -1827,11 +2160,27 @@ static void run_hostile(void)
 				 "reconnect serves again");
 			case_kill(res);
 			break;
+		case H_REUSE:
+			snprintf(res->expected, sizeof res->expected,
+				 "both requests with one id answered (two okay responses with that id); then the ring "
+				 "still serves");
+			case_slot_reuse(res);
+			break;
+		case H_MIDFLIGHT:
+			snprintf(res->expected, sizeof res->expected,
+				 "Closing then Closed with a full ring of reads in flight: the backend Closed within %.0fs; "
+				 "Initialising + reconnect serves again",
+				 O.close_timeout);
+			case_mid_flight(res);
+			break;
 		}
 		if (!res->ok)
 			problem("hostile case %s: expected %s; got %s", res->name, res->expected, res->got);
+		if (lost_why)
+			return false;
 		rebuild_freelist();
 	}
+	return true;
 }
 
 /* ------------------------------------------------------------------ output */
@@ -1896,10 +2245,22 @@ static void emit_json(const char *fatal_stage, const char *fatal_msg)
 		"\"ring\":{\"pages\":%u,\"requested_pages\":%u,\"entries\":%u,\"depth\":%u,\"segments\":%u,"
 		"\"indirect\":%s,\"persistent\":%s,\"backend_persistent\":%s,\"backend_max_ring_page_order\":%u,"
 		"\"backend_max_indirect_segments\":%u,\"protocol\":\"x86_64-abi\",\"sectors\":%" PRIu64
-		",\"sector_size\":%u,\"flush\":%s,\"discard\":%s},",
+		",\"sector_size\":%u,\"flush\":%s,\"discard\":%s,",
 		C.pages, 1u << cur_order, C.size, depth, O.segments, C.ipp ? "true" : "false",
 		O.persistent ? "true" : "false", C.be_persistent ? "true" : "false", C.max_order, C.max_indirect,
 		C.sectors, C.sector_size, C.flush ? "true" : "false", C.discard ? "true" : "false");
+	/* queues: the last connection's; per_queue: each queue's requests and
+	 * responses over the run */
+	unsigned nq_seen = C.nq ? C.nq : 1;
+	for (unsigned q = C.nq; q < MAX_QUEUES; q++)
+		if (q_requests[q])
+			nq_seen = q + 1;
+	fprintf(f, "\"queues\":%u,\"requested_queues\":%u,\"backend_max_queues\":%u,\"per_queue\":[", C.nq,
+		O.queues, C.max_queues);
+	for (unsigned q = 0; q < nq_seen; q++)
+		fprintf(f, "%s{\"queue\":%u,\"requests\":%" PRIu64 ",\"completed\":%" PRIu64 "}", q ? "," : "", q,
+			q_requests[q], q_completed[q]);
+	fprintf(f, "]},");
 	fprintf(f, "\"connections\":%u,\"requests\":%" PRIu64 ",", C.number, ST.requests);
 	fprintf(f, "\"reconnect_orders\":[");
 	for (unsigned i = 0; i < O.nreconnect; i++)
@@ -1909,11 +2270,12 @@ static void emit_json(const char *fatal_stage, const char *fatal_msg)
 		const struct conninfo *ci = &conns[i];
 		fprintf(f,
 			"%s{\"index\":%u,\"requested_order\":%u,\"backend_max_ring_page_order\":%u,"
-			"\"allowed_pages\":%u,\"pages\":%u,\"entries\":%u,\"depth\":%u,\"connected\":%s,"
+			"\"allowed_pages\":%u,\"pages\":%u,\"entries\":%u,\"depth\":%u,\"queues\":%u,"
+			"\"queues_serving\":%u,\"connected\":%s,"
 			"\"scheduled\":%s,\"requests\":%" PRIu64 ",\"responses\":{\"okay\":%" PRIu64
 			",\"error\":%" PRIu64 ",\"other\":%" PRIu64 "},\"problem\":",
 			i ? "," : "", i + 1, ci->requested_order, ci->max_order, ci->allowed_pages, ci->pages, ci->entries,
-			ci->depth, ci->connected ? "true" : "false", ci->scheduled ? "true" : "false", ci->requests, ci->okay,
+			ci->depth, ci->queues, ci->queues_serving, ci->connected ? "true" : "false", ci->scheduled ? "true" : "false", ci->requests, ci->okay,
 			ci->error, ci->other);
 		if (ci->problem[0])
 			jstr(f, ci->problem);
@@ -2039,17 +2401,20 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: blkring --devid N [--duration S] [--behaviour aggressive|bursty]\n"
 		"               [--op read|write|flush|discard|mixed] [--rwmixread PCT] [--segments N]\n"
-		"               [--depth N] [--ring-page-order N] [--persistent 0|1] [--notify always|needed]\n"
+		"               [--depth N] [--ring-page-order N] [--queues N] [--persistent 0|1]\n"
+		"               [--notify always|needed]\n"
 		"               [--poll 0|1] [--verify 0|1] [--hostile CASE,...] [--halt-wait S]\n"
 		"               [--burst-gap S] [--settle S] [--size BYTES] [--seed N] [--stat FILE]\n"
 		"               [--at-end close|linger] [--linger-max S] [--connect-timeout S]\n"
-		"               [--drain-timeout S] [--reconnect-orders N,...] [--output FILE]\n"
+		"               [--drain-timeout S] [--close-timeout S] [--reconnect-orders N,...]\n"
+		"               [--output FILE]\n"
 		"       blkring --job FILE [--output FILE]   (the same keys, one key=value a line)\n"
 		"hostile cases: too-many-segments, bad-grant-ref, out-of-range-sector, prod-ahead,\n"
-		"               kill-with-outstanding\n"
+		"               kill-with-outstanding, slot-reuse, reconnect-mid-flight\n"
+		"queues: 1..%d rings, as many as the backend's multi-queue-max-queues allows\n"
 		"reconnect orders: up to %d ring page orders 0..4; the duration is split into one\n"
 		"               phase more, each later one on a new connection with the next order\n",
-		MAX_RECONNECTS);
+		MAX_QUEUES, MAX_RECONNECTS);
 }
 
 static int pick(const char *key, const char *v, const char *const *names, int n)
@@ -2121,6 +2486,11 @@ static void set_option(const char *key, const char *v)
 		O.depth = (unsigned)num(k, v, 4096);
 	else if (!strcmp(k, "ring_page_order"))
 		O.ring_order = (unsigned)num(k, v, 4);
+	else if (!strcmp(k, "queues")) {
+		O.queues = (unsigned)num(k, v, MAX_QUEUES);
+		if (O.queues < 1)
+			fatal("usage", "queues: expected 1..%d, got '%s'", MAX_QUEUES, v);
+	}
 	else if (!strcmp(k, "persistent"))
 		O.persistent = flag(k, v);
 	else if (!strcmp(k, "notify"))
@@ -2159,6 +2529,8 @@ static void set_option(const char *key, const char *v)
 		O.connect_timeout = seconds(k, v);
 	else if (!strcmp(k, "drain_timeout"))
 		O.drain_timeout = seconds(k, v);
+	else if (!strcmp(k, "close_timeout"))
+		O.close_timeout = seconds(k, v);
 	else if (!strcmp(k, "linger_max"))
 		O.linger_max = seconds(k, v);
 	else if (!strcmp(k, "size"))
@@ -2291,8 +2663,9 @@ int main(int argc, char **argv)
 	bool up = probe_ring(why, sizeof why), undrained = false;
 	if (!up)
 		conn_problem("%s", why);
-	if (up && O.nhostile) {
-		run_hostile();
+	if (up && O.nhostile && !run_hostile()) {
+		up = false; /* a case left no device to go on with (its problem says why) */
+	} else if (up && O.nhostile) {
 		/* a fresh connection for the rest: blkback's per-ring statistics then
 		 * count only well-formed requests, which the lab compares with ours */
 		if (!drain(10) || !reconnect(cur_order, why, sizeof why))
@@ -2328,7 +2701,7 @@ int main(int argc, char **argv)
 	if (!drained) {
 		closed_how = "not closed: requests outstanding";
 	} else if (!C.live) {
-		closed_how = "closed: a reconnect failed";
+		closed_how = lost_why ? lost_why : "closed: a reconnect failed";
 	} else if (up && O.at_end == END_LINGER) {
 		closed_how = "linger";
 		lingering = true;

@@ -237,4 +237,5 @@ def test_ring_behaviours_each_served_and_counted(lab_run: LabRun) -> None:
     assert by_disk["xvdb"]["ring"]["indirect"] and by_disk["xvdb"]["ring"]["pages"] == 2
     assert by_disk["xvdb"]["completed"]["flush"] > 0 and by_disk["xvdb"]["completed"]["discard"] > 0
     assert by_disk["xvdc"]["verify"]["checked"] > 0 and by_disk["xvdc"]["verify"]["mismatches"] == 0
+    assert by_disk["xvde"]["ring"]["queues"] == 2 and all(q["completed"] > 0 for q in by_disk["xvde"]["ring"]["per_queue"])
     assert all(d["totals_match"] for d in rec["drain"].values()), rec["drain"]

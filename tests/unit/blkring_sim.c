@@ -26,6 +26,20 @@
  *                        it asked for (ring state that survived the close)
  *   SIM_REFUSE_CONNECT=N the Nth connect fails, as a ring it cannot map would
  *   SIM_NO_PREPARE=1     Initialising after Closed is ignored (no InitWait)
+ *   SIM_STUCK_CLOSING=1  a Closed written with requests in flight leaves the
+ *                        backend in Closing for good (its disconnect never ends)
+ *   SIM_ONE_QUEUE=1      only queue 0 of several is mapped and served
+ *
+ * And by environment, not broken: SIM_DELAY_MS=N answers each request N ms
+ * after taking it (dm-delay's slow disk: requests stay in flight);
+ * SIM_MAX_QUEUES=N offers N queues (multi-queue-max-queues; default 4, 0 = no
+ * node, an old backend). Several queues are read as blkback's connect_ring()
+ * reads them (multi-queue-num-queues, then queue-<i>/ring-ref.. and
+ * event-channel). Like blkback it keeps no table of ids: a reused id gets a
+ * response per request. Closed with requests in flight stops taking new ones
+ * and goes Closed once those are answered (xen_blkif_disconnect()'s -EBUSY
+ * path; blkback itself switches to Closed at once and answers later: either
+ * order must do for blkring).
  *
  * It is not Xen: a real run is the only proof. It proves the program's own
  * logic before one.
@@ -114,7 +128,7 @@ struct node {
 	char path[160];
 	char value[160];
 };
-static struct node nodes[256];
+static struct node nodes[1024];
 static unsigned nnodes;
 
 static struct node *find(const char *path)
@@ -140,6 +154,19 @@ static void del(const char *path)
 	struct node *n = find(path);
 	if (n)
 		*n = nodes[--nnodes];
+}
+
+/* XS_RM: the node and everything under it */
+static void del_tree(const char *path)
+{
+	size_t len = strlen(path);
+	del(path);
+	for (unsigned i = 0; i < nnodes;) {
+		if (!strncmp(nodes[i].path, path, len) && nodes[i].path[len] == '/')
+			nodes[i] = nodes[--nnodes];
+		else
+			i++;
+	}
 }
 
 static const char *get(const char *path)
@@ -178,16 +205,42 @@ struct sring {
 };
 
 static uint8_t *disk;
-static struct sring *sr;
-static unsigned ring_size;
-static bool connected, halted;
-static uint32_t req_cons, rsp_prod_pvt;
+/* one ring per queue; a response waits in `pend` until it is due (SIM_DELAY_MS:
+ * a slow backing device, as dm-delay makes one) */
+#define SIM_QUEUES 16
+#define PEND_MAX 1024
+struct pend {
+	struct rsp r;
+	uint64_t due;
+};
+struct bring {
+	struct sring *sr;
+	uint32_t req_cons, rsp_prod_pvt;
+	bool halted;
+	struct pend pend[PEND_MAX];
+	unsigned phead, pcount;
+};
+static struct bring R[SIM_QUEUES];
+static unsigned nrings, ring_size, max_queues = 4;
+/* connected: the rings are mapped; taking: the ring threads take requests
+ * (stopped at Closed, as kthread_stop(xenblkd)); closing_busy: Closed came
+ * with responses still due (xen_blkif_disconnect()'s -EBUSY path) */
+static bool connected, taking, closing_busy;
+static uint64_t delay_ns;
 static uint64_t st_rd, st_wr, st_f, st_ds, st_rd_sect, st_wr_sect, reads_served;
 /* the earlier connections' final statistics: what the lab's dom0 sampler adds
  * to a later connection's (lab/sampling.py rebase) */
 static uint64_t sum_rd, sum_wr, sum_f, sum_ds, sum_rd_sect, sum_wr_sect;
-static bool corrupt, stale_ring, no_prepare;
+static bool corrupt, stale_ring, no_prepare, stuck_closing, one_queue;
 static unsigned connects, refuse_connect, first_ring_size;
+
+static int any_halted(void)
+{
+	for (unsigned q = 0; q < nrings; q++)
+		if (R[q].halted)
+			return 1;
+	return 0;
+}
 
 static void write_stats(void)
 {
@@ -202,7 +255,7 @@ static void write_stats(void)
 	fprintf(f, "rd_req=%llu wr_req=%llu f_req=%llu ds_req=%llu rd_sect=%llu wr_sect=%llu halted=%d "
 		"sum_rd_req=%llu sum_wr_req=%llu sum_f_req=%llu sum_ds_req=%llu sum_rd_sect=%llu sum_wr_sect=%llu\n",
 		(unsigned long long)st_rd, (unsigned long long)st_wr, (unsigned long long)st_f,
-		(unsigned long long)st_ds, (unsigned long long)st_rd_sect, (unsigned long long)st_wr_sect, halted,
+		(unsigned long long)st_ds, (unsigned long long)st_rd_sect, (unsigned long long)st_wr_sect, any_halted(),
 		(unsigned long long)(sum_rd + st_rd), (unsigned long long)(sum_wr + st_wr),
 		(unsigned long long)(sum_f + st_f), (unsigned long long)(sum_ds + st_ds),
 		(unsigned long long)(sum_rd_sect + st_rd_sect), (unsigned long long)(sum_wr_sect + st_wr_sect));
@@ -300,41 +353,87 @@ static int16_t serve(const uint8_t *slot, uint8_t *op_out)
 	return 0;
 }
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static unsigned pending_total(void)
+{
+	unsigned n = 0;
+	for (unsigned q = 0; q < nrings; q++)
+		n += R[q].pcount;
+	return n;
+}
+
+/* One pass over a ring: take up to 8 requests (each served at once, its
+ * response due after the delay), then put out the responses that are due. No
+ * table of ids: a request is answered with whatever id it carried, so two
+ * requests with one id get two responses, as blkback gives them. */
+static void serve_ring(struct bring *b, uint64_t now)
+{
+	struct sring *sr = b->sr;
+	if (taking && !b->halted) {
+		uint32_t rp = __atomic_load_n(&sr->req_prod, __ATOMIC_ACQUIRE);
+		if (rp - b->rsp_prod_pvt > ring_size) {
+			b->halted = true; /* "Frontend provided bogus ring requests ... Halting ring processing" */
+			fprintf(stderr, "blkring_sim: bogus ring requests (%u - %u); halting\n", rp, b->rsp_prod_pvt);
+		} else if (b->req_cons != rp) {
+			unsigned batch = 0;
+			while (b->req_cons != rp && batch < 8 && b->pcount < PEND_MAX) {
+				uint8_t *slot = sr->ring + (size_t)(b->req_cons & (ring_size - 1)) * 112;
+				uint64_t id;
+				memcpy(&id, slot + 8, 8);
+				uint8_t op = 0;
+				int16_t status = serve(slot, &op);
+				b->req_cons++;
+				struct pend *pd = &b->pend[(b->phead + b->pcount++) % PEND_MAX];
+				pd->r = (struct rsp){ .id = id, .operation = op, .status = status };
+				pd->due = now + delay_ns;
+				batch++;
+			}
+			/* RING_FINAL_CHECK_FOR_REQUESTS */
+			__atomic_store_n(&sr->req_event, b->req_cons + 1, __ATOMIC_RELEASE);
+			write_stats();
+		}
+	}
+	uint32_t old = b->rsp_prod_pvt;
+	while (b->pcount && b->pend[b->phead].due <= now) {
+		memcpy(sr->ring + (size_t)(b->rsp_prod_pvt & (ring_size - 1)) * 112, &b->pend[b->phead].r,
+		       sizeof(struct rsp));
+		b->rsp_prod_pvt++;
+		b->phead = (b->phead + 1) % PEND_MAX;
+		b->pcount--;
+	}
+	if (b->rsp_prod_pvt == old)
+		return;
+	__atomic_store_n(&sr->rsp_prod, b->rsp_prod_pvt, __ATOMIC_RELEASE);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	uint32_t ev = __atomic_load_n(&sr->rsp_event, __ATOMIC_RELAXED);
+	if ((uint32_t)(b->rsp_prod_pvt - ev) < (uint32_t)(b->rsp_prod_pvt - old)) {
+		uint64_t one = 1;
+		if (real_write(evt_fd, &one, sizeof one) < 0)
+			perror("blkring_sim: eventfd");
+	}
+}
+
 static void *backend(void *arg)
 {
 	(void)arg;
 	for (;;) {
 		pthread_mutex_lock(&mu);
-		if (connected && !halted) {
-			uint32_t rp = __atomic_load_n(&sr->req_prod, __ATOMIC_ACQUIRE);
-			if (rp - rsp_prod_pvt > ring_size) {
-				halted = true; /* "Frontend provided bogus ring requests ... Halting ring processing" */
-				fprintf(stderr, "blkring_sim: bogus ring requests (%u - %u); halting\n", rp, rsp_prod_pvt);
-			} else if (req_cons != rp) {
-				uint32_t old = rsp_prod_pvt;
-				unsigned batch = 0;
-				while (req_cons != rp && batch < 8) {
-					uint8_t *slot = sr->ring + (size_t)(req_cons & (ring_size - 1)) * 112;
-					uint64_t id;
-					memcpy(&id, slot + 8, 8);
-					uint8_t op = 0;
-					int16_t status = serve(slot, &op);
-					req_cons++;
-					struct rsp out = { .id = id, .operation = op, .status = status };
-					memcpy(sr->ring + (size_t)(rsp_prod_pvt & (ring_size - 1)) * 112, &out, sizeof out);
-					rsp_prod_pvt++;
-					batch++;
-				}
-				__atomic_store_n(&sr->rsp_prod, rsp_prod_pvt, __ATOMIC_RELEASE);
-				__atomic_thread_fence(__ATOMIC_SEQ_CST);
-				uint32_t ev = __atomic_load_n(&sr->rsp_event, __ATOMIC_RELAXED);
-				if ((uint32_t)(rsp_prod_pvt - ev) < (uint32_t)(rsp_prod_pvt - old)) {
-					uint64_t one = 1;
-					if (real_write(evt_fd, &one, sizeof one) < 0)
-						perror("blkring_sim: eventfd");
-				}
-				__atomic_store_n(&sr->req_event, req_cons + 1, __ATOMIC_RELAXED);
-				write_stats();
+		if (connected) {
+			uint64_t now = now_ns();
+			for (unsigned q = 0; q < nrings; q++)
+				serve_ring(&R[q], now);
+			if (closing_busy && !pending_total()) {
+				/* the busy disconnect finishes once nothing is in flight */
+				closing_busy = false;
+				connected = false;
+				if (!stuck_closing)
+					put(BE "/state", "6");
 			}
 		}
 		pthread_mutex_unlock(&mu);
@@ -359,6 +458,46 @@ static void dev_fatal(int err, const char *fmt, ...)
 	put(BE "/state", "5");
 }
 
+/* read_per_ring_refs(): the refs and the port of one ring from `dir` (the
+ * device's directory, or queue-<i>/), the order from the device's; false
+ * after a dev_fatal */
+static bool map_ring(struct bring *b, const char *dir, unsigned order)
+{
+	unsigned pages = 1u << order;
+	char p[260], r0[260];
+	snprintf(r0, sizeof r0, "%s/%s", dir, order ? "ring-ref0" : "ring-ref");
+	const char *ref0 = get(r0);
+	if (stale_ring && connects > 1) {
+		/* the first connection's ring, mapped from whatever first page is there */
+		ref0 = get(FE "/ring-ref0") ? get(FE "/ring-ref0") : get(FE "/ring-ref");
+		pages = 1;
+	}
+	if (!ref0) {
+		dev_fatal(EINVAL, "reading %s", r0);
+		return false;
+	}
+	uint32_t g0 = (uint32_t)strtoul(ref0, NULL, 10);
+	for (unsigned i = 1; i < pages; i++) {
+		snprintf(p, sizeof p, "%s/ring-ref%u", dir, i);
+		if (!get(p)) {
+			dev_fatal(EINVAL, "reading %s", p);
+			return false;
+		}
+		if (getu(p, 0) != g0 + i || page_of(g0 + i) != page_of(g0) + i * PAGE) {
+			dev_fatal(ENOMEM, "mapping ring-ref port 5 (ring pages not contiguous)");
+			return false;
+		}
+	}
+	snprintf(p, sizeof p, "%s/event-channel", dir);
+	if (!page_of(g0) || !get(p)) {
+		dev_fatal(EINVAL, "bad connect (ring-ref %u, %s %s)", g0, p, get(p) ? "present" : "missing");
+		return false;
+	}
+	memset(b, 0, sizeof *b);
+	b->sr = (struct sring *)(void *)page_of(g0);
+	return true;
+}
+
 static void connect_ring(void)
 {
 	connects++;
@@ -371,40 +510,31 @@ static void connect_ring(void)
 		dev_fatal(EINVAL, "requested ring page order %u exceed max:%d", order, MAX_ORDER);
 		return;
 	}
-	unsigned pages = 1u << order;
-	char p[200];
-	const char *ref0 = get(order ? FE "/ring-ref0" : FE "/ring-ref");
-	if (stale_ring && connects > 1) {
-		/* the first connection's ring, mapped from whatever first page is there */
-		ref0 = get(FE "/ring-ref0") ? get(FE "/ring-ref0") : get(FE "/ring-ref");
-		pages = 1;
-	}
-	if (!ref0) {
-		dev_fatal(EINVAL, "reading %s/%s", FE, order ? "ring-ref0" : "ring-ref");
-		return;
-	}
-	uint32_t g0 = (uint32_t)strtoul(ref0, NULL, 10);
-	for (unsigned i = 1; i < pages; i++) {
-		snprintf(p, sizeof p, FE "/ring-ref%u", i);
-		if (!get(p)) {
-			dev_fatal(EINVAL, "reading %s", p);
-			return;
-		}
-		if (getu(p, 0) != g0 + i || page_of(g0 + i) != page_of(g0) + i * PAGE) {
-			dev_fatal(ENOMEM, "mapping ring-ref port 5 (ring pages not contiguous)");
-			return;
-		}
-	}
 	const char *proto = get(FE "/protocol");
-	if (!page_of(g0) || !get(FE "/event-channel") || !proto || strcmp(proto, "x86_64-abi")) {
-		dev_fatal(EINVAL, "bad connect (ring-ref %u, protocol %s)", g0, proto ? proto : "-");
+	if (!proto || strcmp(proto, "x86_64-abi")) {
+		dev_fatal(EINVAL, "unknown fe protocol %s", proto ? proto : "-");
 		return;
 	}
-	sr = (struct sring *)(void *)page_of(g0);
-	ring_size = stale_ring && connects > 1 ? first_ring_size : 32u * pages;
+	unsigned nq = getu(FE "/multi-queue-num-queues", 1);
+	if (nq == 0 || nq > max_queues) {
+		dev_fatal(ENOSYS, "guest requested %u queues, exceeding the maximum of %u.", nq, max_queues);
+		return;
+	}
+	/* SIM_ONE_QUEUE: only the first queue is mapped, whatever was asked */
+	unsigned mapped = one_queue ? 1 : nq;
+	for (unsigned q = 0; q < mapped; q++) {
+		char dir[120];
+		if (nq > 1)
+			snprintf(dir, sizeof dir, FE "/queue-%u", q);
+		else
+			snprintf(dir, sizeof dir, FE);
+		if (!map_ring(&R[q], dir, order))
+			return;
+	}
+	nrings = mapped;
+	ring_size = stale_ring && connects > 1 ? first_ring_size : 32u << order;
 	if (connects == 1)
 		first_ring_size = ring_size;
-	req_cons = rsp_prod_pvt = 0;
 	sum_rd += st_rd;
 	sum_wr += st_wr;
 	sum_f += st_f;
@@ -412,8 +542,8 @@ static void connect_ring(void)
 	sum_rd_sect += st_rd_sect;
 	sum_wr_sect += st_wr_sect;
 	st_rd = st_wr = st_f = st_ds = st_rd_sect = st_wr_sect = 0;
-	halted = false;
-	connected = true;
+	closing_busy = false;
+	connected = taking = true;
 	char v[32];
 	snprintf(v, sizeof v, "%llu", SIM_SECTORS);
 	put(BE "/sectors", v);
@@ -432,8 +562,16 @@ static void frontend_changed(const char *state)
 	else if (st == 5)
 		put(BE "/state", "5");
 	else if (st == 6) {
-		connected = false;
-		put(BE "/state", "6");
+		/* xen_blkif_disconnect(): the ring threads stop; with requests in
+		 * flight it is busy and finishes when they complete (SIM_STUCK_CLOSING:
+		 * it never does, the backend stays in Closing) */
+		taking = false;
+		if (connected && pending_total()) {
+			closing_busy = true;
+		} else {
+			connected = false;
+			put(BE "/state", "6");
+		}
 	} else if (st == 1 && be == 6 && !no_prepare) {
 		del(BE_ERROR);
 		put(BE "/state", "2"); /* "prepare for reconnect" */
@@ -474,7 +612,7 @@ static void xs_handle(const uint8_t *msg, size_t len)
 			xs_reply(2, h[1], v, strlen(v));
 	} else if (h[0] == 13) { /* XS_RM: a missing node is no error when its parent exists */
 		pthread_mutex_lock(&mu);
-		del(path);
+		del_tree(path);
 		pthread_mutex_unlock(&mu);
 		xs_reply(13, h[1], "OK", 3);
 	} else if (h[0] == 11) { /* XS_WRITE: path NUL value */
@@ -513,12 +651,24 @@ static void setup_once(void)
 	stale_ring = getenv("SIM_STALE_RING") && !strcmp(getenv("SIM_STALE_RING"), "1");
 	no_prepare = getenv("SIM_NO_PREPARE") && !strcmp(getenv("SIM_NO_PREPARE"), "1");
 	refuse_connect = getenv("SIM_REFUSE_CONNECT") ? (unsigned)atoi(getenv("SIM_REFUSE_CONNECT")) : 0;
+	stuck_closing = getenv("SIM_STUCK_CLOSING") && !strcmp(getenv("SIM_STUCK_CLOSING"), "1");
+	one_queue = getenv("SIM_ONE_QUEUE") && !strcmp(getenv("SIM_ONE_QUEUE"), "1");
+	delay_ns = getenv("SIM_DELAY_MS") ? (uint64_t)atoi(getenv("SIM_DELAY_MS")) * 1000000ull : 0;
+	if (getenv("SIM_MAX_QUEUES"))
+		max_queues = (unsigned)atoi(getenv("SIM_MAX_QUEUES"));
 	put(FE "/backend", BE);
 	put(FE "/backend-id", "0");
 	put(FE "/state", "1");
 	put(BE "/state", "2");
 	put(BE "/max-ring-page-order", "4"); /* MAX_ORDER */
 	put(BE "/feature-max-indirect-segments", "256");
+	if (max_queues) { /* SIM_MAX_QUEUES=0: no multi-queue-max-queues node (an old backend) */
+		char mq[16];
+		snprintf(mq, sizeof mq, "%u", max_queues);
+		put(BE "/multi-queue-max-queues", mq);
+	} else {
+		max_queues = 1;
+	}
 	put(BE "/feature-persistent", "1");
 	put(BE "/feature-flush-cache", "1");
 	put(BE "/feature-discard", "1");
@@ -606,9 +756,13 @@ int close(int fd)
 	if (fd >= 0 && fd == gnt_fd) {
 		/* gntalloc's release: the grants go (blkback would see "invalid buffer") */
 		pthread_mutex_lock(&mu);
-		for (unsigned g = GREF_BASE; g < next_gref; g++)
-			if (!connected || (sr && gref_page[g] != (uint8_t *)sr))
+		for (unsigned g = GREF_BASE; g < next_gref; g++) {
+			bool ring_page = false; /* a mapped ring page stays */
+			for (unsigned q = 0; connected && q < nrings; q++)
+				ring_page = ring_page || gref_page[g] == (uint8_t *)R[q].sr;
+			if (!ring_page)
 				gref_revoked[g] = true;
+		}
 		pthread_mutex_unlock(&mu);
 		gnt_fd = -1;
 	}
@@ -645,8 +799,10 @@ int ioctl(int fd, unsigned long req, ...)
 		pthread_mutex_unlock(&mu);
 		return 0;
 	}
-	if (req == IOCTL_EVTCHN_BIND_UNBOUND_PORT)
-		return 5;
+	if (req == IOCTL_EVTCHN_BIND_UNBOUND_PORT) {
+		static int next_port = 5; /* a port of its own for each queue */
+		return next_port++;
+	}
 	if (req == IOCTL_EVTCHN_NOTIFY)
 		return 0; /* the backend thread polls */
 	return real_ioctl(fd, req, arg);

@@ -9,7 +9,12 @@ hostile case with its expectation met, and count what it completed exactly as
 the backend counted what it took. Through a reconnect schedule it shall connect
 once per phase with each ring size asked for, and name a backend that refuses a
 reconnect, never prepares for one, or serves another ring size than the one
-granted. Only a run in a VM proves it against blkback."""
+granted. With several queues it shall keep every queue's ring full and name a
+backend that serves fewer queues than min(asked, offered); a reused id shall
+be answered twice without a response counted as bogus; a close with a full
+ring in flight shall reach Closed and serve again after a reconnect, and a
+backend stuck in Closing shall be that case's failure. Only a run in a VM
+proves it against blkback."""
 
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ def test_ring_job_shall_be_key_value_lines_of_the_workloads_options() -> None:
     opts = dict(line.split("=", 1) for line in lines[1:] if line)
     assert opts == {
         "devid": "51728", "duration": "45", "behaviour": "bursty", "op": "mixed", "rwmixread": "70",
-        "segments": "13", "depth": "16", "ring_page_order": "2", "persistent": "1", "notify": "needed",
+        "segments": "13", "depth": "16", "ring_page_order": "2", "queues": "1", "persistent": "1", "notify": "needed",
         "poll": "0", "verify": "0", "hostile": "prod-ahead,too-many-segments", "reconnect_orders": "",
         "halt_wait": "2", "burst_gap": "0", "settle": "2.5", "stat": "/run/blkring-51728.stat", "at_end": "linger",
     }
@@ -78,10 +83,17 @@ def test_ring_job_shall_pass_the_reconnect_schedule_in_order() -> None:
     (_ring(hostile=("drop-tables",)), "/dev/xvdb", "hostile case 'drop-tables'"),
     (_ring(reconnect_orders=(1, 5)), "/dev/xvdb", "reconnect order 5"),
     (_ring(reconnect_orders=(0,) * 9), "/dev/xvdb", "9 reconnect orders"),
+    (_ring(queues=0), "/dev/xvdb", "queues 0 \\(expected 1..16\\)"),
+    (_ring(queues=17), "/dev/xvdb", "queues 17"),
 ])
 def test_ring_job_shall_refuse_what_the_loader_would_have(w: WorkloadCfg, device: str, error: str) -> None:
     with pytest.raises(ScenarioError, match=error):
         ringfront.ring_job(w, device)
+
+
+def test_ring_job_shall_pass_the_queues() -> None:
+    assert ringfront.job_options(_ring(queues=4), "/dev/xvdb")["queues"] == "4"
+    assert "queues=2" in ringfront.ring_job(_ring(queues=2), "/dev/xvdb").splitlines()
 
 
 def test_ring_argv_shall_name_the_job_and_the_output() -> None:
@@ -108,7 +120,8 @@ def test_parse_ring_shall_read_a_passing_hostile_run() -> None:
     assert r.write_iops == round((done["write"] + done["flush"] + done["discard"]) / r.runtime_s, 1)
     assert r.ios == sum(data["responses"].values())
     assert (r.clat_p50_ms, r.clat_max_ms) == (data["latency_ms"]["p50"], data["latency_ms"]["max"])
-    assert [c["case"] for c in r.extra["hostile"]] == ALL_CASES
+    # captured before slot-reuse and reconnect-mid-flight existed: the first five
+    assert [c["case"] for c in r.extra["hostile"]] == ALL_CASES[:5]
     assert all(c["ok"] for c in r.extra["hostile"])
     assert r.extra["ring"]["entries"] == 32 and r.extra["connections"] == 4
     assert len(r.extra["series"]["completions"]) == len(r.extra["series"]["inflight_max"]) >= 2
@@ -354,6 +367,13 @@ def test_a_ring_workload_shall_load_with_its_options() -> None:
     (_scenario(ring={"hostile": ["prod-ahead"], "settle": "7s"}), "workloads[0].ring.settle",
      "not less than watchdog.stall_window"),
     (_scenario(ring={"ring_page_order": 4, "segments": 256}), "workloads[0].ring", "more than the 8192"),
+    (_scenario(ring={"queues": 0}), "workloads[0].ring.queues", "expected 1..16 rings"),
+    (_scenario(ring={"queues": 17}), "workloads[0].ring.queues", "got 17"),
+    (_scenario(ring={"queues": 4, "ring_page_order": 2, "segments": 16}), "workloads[0].ring",
+     "4 queues of 128 slots of 16 pages need 8720 grants"),
+    (_scenario(ring={"op": "write", "verify": True, "segments": 64, "queues": 2},
+               guests=[{"name": "lin1", "disks": [{"vdev": "xvdb", "size": "16M"}]}]),
+     "workloads[0].ring.verify", "at least 128 blocks"),
     (_scenario(ring={"op": "write", "verify": True, "segments": 128},
                guests=[{"name": "lin1", "disks": [{"vdev": "xvdb", "size": "4M"}]}]),
      "workloads[0].ring.verify", "at least 64 blocks"),
@@ -382,6 +402,14 @@ def test_bad_ring_keys_shall_be_refused_naming_key_and_expectation(raw: dict, ke
         scenario.from_dict(raw, "/x/t.toml")
     msg = str(e.value)
     assert f"'{key}'" in msg and expected in msg and "/x/t.toml" in msg, msg
+
+
+def test_queues_shall_load_and_reach_the_job() -> None:
+    sc = scenario.from_dict(_scenario(ring={"queues": 4, "hostile": ["slot-reuse", "reconnect-mid-flight"]}))
+    w = sc.workloads[0]
+    assert w.ring.queues == 4 and w.ring.hostile == ("slot-reuse", "reconnect-mid-flight")
+    assert ringfront.job_options(w, "/dev/xvdb")["queues"] == "4"
+    assert scenario.from_dict(_scenario()).workloads[0].ring.queues == 1
 
 
 def test_a_reconnect_schedule_shall_load_and_reach_the_job() -> None:
@@ -540,7 +568,7 @@ def test_under_the_simulator_every_hostile_case_meets_its_expectation(sim: dict[
                                     ",".join(ALL_CASES), "--halt-wait", "0.3", "--settle", "0.1")
     assert rc == 0, out["errors"]
     assert [(c["case"], c["ok"]) for c in out["hostile"]] == [(c, True) for c in ALL_CASES], out["hostile"]
-    assert out["connections"] == 4, "prod-ahead, kill and the fresh connection for the base phase"
+    assert out["connections"] == 5, "prod-ahead, kill, reconnect-mid-flight and the fresh one for the base phase"
     assert backend["halted"] == 0, "the last connection serves"
     assert _accounting(st, backend) == [], "what the frontend completed = what the backend took"
 
@@ -648,3 +676,85 @@ def test_under_the_simulator_a_backend_that_never_prepares_for_reconnect_is_a_pr
     assert line == ("blkring: connection 2 (ring-page-order 2): backend did not prepare for reconnect: state 6 1s "
                     "after the frontend wrote Initialising (1), never InitWait (2)")
     assert out["closed"] == "closed: a reconnect failed"
+
+
+# ------------------------------------------------------------ the two later hostile cases under the simulator
+def test_under_the_simulator_a_reused_id_and_a_close_mid_flight_meet_their_expectations(sim: dict[str, Path]) -> None:
+    # 20 ms a response, as dm-delay makes it: the first request with the id is
+    # still out when the second goes in, and the full ring is out at the close
+    rc, out, st, backend = _sim_run(sim, "later-cases", "--duration", "0.3", "--hostile",
+                                    "slot-reuse,reconnect-mid-flight", "--settle", "0.05",
+                                    env={"SIM_DELAY_MS": "20"})
+    assert rc == 0 and out["ok"], out["errors"]
+    reuse, mid = out["hostile"]
+    assert (reuse["case"], reuse["ok"], mid["case"], mid["ok"]) == ("slot-reuse", True, "reconnect-mid-flight", True)
+    assert "while the first was outstanding" in reuse["got"] and "2 okay, 0 error" in reuse["got"]
+    assert out["bogus_responses"] == 0, "the second response with the id is not one for no request"
+    assert mid["got"].startswith("32 reads pushed (all taken), 32 outstanding at Closing; 32 at Closed;"), mid["got"]
+    assert "32 okay, 0 error, 0 never" in mid["got"] and mid["got"].endswith("32/32 reads okay after reconnect")
+    assert out["connections"] == 3, "the first, the one after the close mid-flight, the fresh one for the base phase"
+    assert _accounting(st, backend) == [], "both requests with the one id counted, as the backend counted them"
+
+
+def test_under_the_simulator_a_backend_stuck_in_closing_fails_the_case_and_ends_the_run(sim: dict[str, Path]) -> None:
+    rc, out, st, _ = _sim_run(sim, "stuck", "--duration", "0.3", "--hostile", "reconnect-mid-flight,prod-ahead",
+                              "--settle", "0.05", "--close-timeout", "1",
+                              env={"SIM_DELAY_MS": "20", "SIM_STUCK_CLOSING": "1"})
+    assert rc == 1 and not out["ok"] and "fatal" not in out
+    (case,) = out["hostile"]
+    assert case["case"] == "reconnect-mid-flight" and not case["ok"], "prod-ahead never ran: no device left"
+    assert "the backend stayed in state 5 (Closing) 1.0s after the frontend wrote Closed (6) with 32 reads in " \
+           "flight" in case["got"], case["got"]
+    (line,) = _blkring_lines(sim, "stuck")
+    assert line.startswith("blkring: hostile case reconnect-mid-flight: expected Closing then Closed with a full "
+                           "ring of reads in flight: the backend Closed within 1s"), line
+    assert out["closed"] == "not closed: the backend stayed in Closing" and out["connections"] == 1
+    assert st is not None and st["inflight"] == 0
+    r = ringfront.parse_ring(json.dumps(out))
+    assert r.errors == 1 and ringfront.problems(r) == out["errors"]
+
+
+# ------------------------------------------------------------ several queues under the simulator
+def test_under_the_simulator_every_queue_is_kept_full_and_counted(sim: dict[str, Path]) -> None:
+    rc, out, st, backend = _sim_run(sim, "queues", "--duration", "0.5", "--queues", "3")
+    assert rc == 0 and out["ok"], out["errors"]
+    ring = out["ring"]
+    assert (ring["queues"], ring["requested_queues"], ring["backend_max_queues"]) == (3, 3, 4)
+    assert [q["queue"] for q in ring["per_queue"]] == [0, 1, 2]
+    assert all(q["requests"] == q["completed"] > 100 for q in ring["per_queue"])
+    assert sum(q["requests"] for q in ring["per_queue"]) == out["requests"]
+    assert max(out["series"]["inflight_max"]) == 3 * 32, "each of the three rings kept full"
+    (conn,) = out["connections_detail"]
+    assert (conn["queues"], conn["queues_serving"]) == (3, 3)
+    assert _accounting(st, backend) == [], "the stat file's totals are summed over the queues"
+
+
+@pytest.mark.parametrize(("offer", "asked", "queues"), [("2", "4", 2), ("0", "4", 1), ("4", "1", 1)])
+def test_under_the_simulator_the_queues_are_the_smaller_of_asked_and_offered(
+        sim: dict[str, Path], offer: str, asked: str, queues: int) -> None:
+    rc, out, _, _ = _sim_run(sim, f"queues-{offer}-{asked}", "--duration", "0.3", "--queues", asked,
+                             env={"SIM_MAX_QUEUES": offer})
+    assert rc == 0 and out["ok"], out["errors"]
+    assert (out["ring"]["queues"], out["ring"]["backend_max_queues"]) == (queues, max(int(offer), 1))
+    assert max(out["series"]["inflight_max"]) == 32 * queues
+
+
+def test_under_the_simulator_queues_survive_a_reconnect_schedule(sim: dict[str, Path]) -> None:
+    rc, out, st, backend = _sim_run(sim, "queues-schedule", *SCHEDULE, "--queues", "2")
+    assert rc == 0 and out["ok"], out["errors"]
+    assert [(c["queues"], c["queues_serving"], c["pages"]) for c in out["connections_detail"]] == [
+        (2, 2, 1), (2, 2, 4), (2, 2, 1), (2, 2, 2)]
+    assert max(out["series"]["inflight_max"]) == 2 * 128
+    assert _accounting(st, backend) == []
+
+
+def test_under_the_simulator_a_backend_serving_fewer_queues_is_a_problem(sim: dict[str, Path]) -> None:
+    rc, out, _, _ = _sim_run(sim, "one-queue", "--duration", "0.3", "--queues", "2", "--connect-timeout", "1",
+                             "--drain-timeout", "1", env={"SIM_ONE_QUEUE": "1"})
+    assert rc == 1 and not out["ok"]
+    (conn,) = out["connections_detail"]
+    assert (conn["queues"], conn["queues_serving"], conn["ok"]) == (2, 1, False)
+    lines = _blkring_lines(sim, "one-queue")
+    assert lines[0] == ("blkring: connection 1 (ring-page-order 0): 1 of the 2 queues answered a read within 1s "
+                        "(expected min(2 asked, 4 offered) = 2; no response on queue 1)"), lines
+    assert ringfront.parse_ring(json.dumps(out)).errors >= 1
