@@ -758,3 +758,20 @@ def test_under_the_simulator_a_backend_serving_fewer_queues_is_a_problem(sim: di
     assert lines[0] == ("blkring: connection 1 (ring-page-order 0): 1 of the 2 queues answered a read within 1s "
                         "(expected min(2 asked, 4 offered) = 2; no response on queue 1)"), lines
     assert ringfront.parse_ring(json.dumps(out)).errors >= 1
+
+
+def test_the_parser_reads_blkrings_output_from_a_real_hostile_run() -> None:
+    """blkring's JSON from a real hostile-frontend run on the stock backend
+    (tests/data/README.md): every case answered as expected, no error counted,
+    each case named with what it got."""
+    from lab.ringfront import parse_ring
+
+    res = parse_ring((DATA / "blkring-hostile-real.json").read_text())
+    hostile = res.extra["hostile"]
+    assert [h["case"] for h in hostile] == ["too-many-segments", "bad-grant-ref", "out-of-range-sector",
+                                            "prod-ahead", "kill-with-outstanding", "slot-reuse",
+                                            "reconnect-mid-flight"]
+    assert all(h["ok"] for h in hostile) and res.errors == 0
+    kill = hostile[4]["got"]
+    assert "killed with 32 reads outstanding" in kill
+    assert res.ios == res.extra["requests"] > 0 and res.extra["ring"]["entries"] == 32
