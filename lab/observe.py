@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab import console, decide, sampling, scenario
+from lab import console, decide, ringfront, sampling, scenario
 from lab.boot import L1, Where
 from lab.faults import FaultRecord, Injector
 from lab.guests import Guest
@@ -315,9 +315,14 @@ def _observed(tr: Track, until: float) -> dict[str, Any]:
 def _workload_entry(j: Job, parsed: IoResult | str | None, until: float) -> dict[str, Any]:
     w, tr = j.cfg, j.track
     during = [p for p in tr.backend_pts if p.t <= until]
+    slots = tr.ring_capacity
+    outstanding = w.iodepth * w.numjobs
+    if w.tool == ringfront.TOOL:  # blkring negotiates its own ring, after the attach
+        slots = (ringfront.capacity(parsed.extra) if isinstance(parsed, IoResult) else None) or slots
+        outstanding = slots
     return {
-        "guest": w.guest, "disk": w.disk, "tool": w.tool, "outstanding": w.iodepth * w.numjobs,
-        "ring_capacity": tr.ring_capacity,
+        "guest": w.guest, "disk": w.disk, "tool": w.tool, "outstanding": outstanding,
+        "ring_capacity": slots,
         "result": parsed.as_dict() if isinstance(parsed, IoResult) else None,
         # what the counters saw, whether or not the tool left a result (a HANG, a CRASH)
         "observed": _observed(tr, until),
@@ -327,7 +332,7 @@ def _workload_entry(j: Job, parsed: IoResult | str | None, until: float) -> dict
         # share of the workload's dom0 samples in which the backing device held at
         # least a full ring: did the backend's pool of requests stay exhausted?
         "backing_full_fraction": round(
-            sum(p.backing_inflight >= tr.ring_capacity for p in during) / max(1, len(during)), 3),
+            sum(p.backing_inflight >= slots for p in during) / max(1, len(during)), 3),
         # the backend ran out of request structures: Linux's oo_req, FreeBSD's
         # request_shortages (None where the backend lacks the counter)
         **{k: (tr.backend_pts[-1].stats[k] - tr.backend_pts[0].stats[k])

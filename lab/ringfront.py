@@ -229,6 +229,15 @@ def lost_request(stat: dict[str, int] | None, window_s: float) -> str | None:
             f"{stat['inflight']} in flight and {stat['completed']} completed")
 
 
+def capacity(extra: dict[str, Any]) -> int | None:
+    """Request slots blkring had across its queues: the largest of its
+    connections (a reconnect schedule changes the ring). The lab reads a ring
+    disk's vbd at attach, before blkring connects, so only this says it."""
+    conns = extra.get("connections_detail") or [extra.get("ring") or {}]
+    sizes = [int(c.get("entries") or 0) * max(1, int(c.get("queues") or 1)) for c in conns if isinstance(c, dict)]
+    return max(sizes, default=0) or None
+
+
 class Ring:
     tool = TOOL
 

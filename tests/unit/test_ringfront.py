@@ -775,3 +775,12 @@ def test_the_parser_reads_blkrings_output_from_a_real_hostile_run() -> None:
     kill = hostile[4]["got"]
     assert "killed with 32 reads outstanding" in kill
     assert res.ios == res.extra["requests"] > 0 and res.extra["ring"]["entries"] == 32
+
+
+@pytest.mark.parametrize(("name", "slots"), [("blkring-hostile-real.json", 32), ("blkring-queues-real.json", 128)])
+def test_a_ring_disks_capacity_is_what_blkring_negotiated(name: str, slots: int) -> None:
+    """Captured from real runs (tests/data/README.md): one queue of one page, and
+    two queues of two-page rings (the vbd read at attach said 32 for both)."""
+    from lab.ringfront import capacity
+
+    assert capacity(json.loads((DATA / name).read_text())) == slots
