@@ -223,8 +223,8 @@ def _bisect(scenario_spec: str, repo: Path, good: str, bad: str, *, runs: int, r
         raise LabError("bisect", f"{repo} has uncommitted changes: commit or stash them first")
     good_sha, bad_sha = git(repo, "rev-parse", good), git(repo, "rev-parse", bad)
     # absolute: `git bisect run` runs each step in the repository's top directory
-    out = (results_root / "bisect" / report.utc_stamp()).resolve()
-    out.mkdir(parents=True)
+    # claimed, not just made: two bisects started in the same second each get one
+    out = report.claim(results_root / "bisect").resolve()
     t0 = time.monotonic()
     result: dict = {"scenario": sc.name, "repo": str(repo), "good": good_sha, "bad": bad_sha, "runs": runs,
                     "first_bad": None, "results_dir": str(out)}

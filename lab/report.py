@@ -27,7 +27,13 @@ def make_results_dir(root: Path, scenario: str) -> Path:
     second. mkdir(exist_ok=False) is the claim: of runs racing for one name exactly
     one creates it, the others take the next suffix (checking exists() first let
     two runs both see a name free and one of them fail)."""
-    parent = root / scenario
+    d = claim(root / scenario)
+    point_latest(root, d)
+    return d
+
+
+def claim(parent: Path) -> Path:
+    """parent/<stamp> (or <stamp>-2, -3...), created by this process alone."""
     parent.mkdir(parents=True, exist_ok=True)
     stamp = utc_stamp()
     n = 1
@@ -35,11 +41,9 @@ def make_results_dir(root: Path, scenario: str) -> Path:
         d = parent / (stamp if n == 1 else f"{stamp}-{n}")
         try:
             d.mkdir()
-            break
+            return d
         except FileExistsError:
             n += 1
-    point_latest(root, d)
-    return d
 
 
 def point_latest(root: Path, d: Path) -> None:

@@ -138,3 +138,12 @@ def test_summary_lines_shall_say_verdict_stage_and_workload_figures() -> None:
     assert "stage boot:dom0: no dom0's init" in text
     assert "lin1/xvdb: 1227 IOPS, p99 316.67 ms, errors 0; ring 32 vs peak in flight guest 32 / backing 17" in text
     assert "phases: boot 50.0s" in text and "results: results/default/x" in text
+
+
+def test_two_claims_in_one_second_get_two_directories(tmp_path: Path) -> None:
+    """Two bisects (or runs) started in the same second under one results root
+    each get a directory of their own (a plain mkdir made the second fail)."""
+    from lab import report
+
+    a, b = report.claim(tmp_path / "bisect"), report.claim(tmp_path / "bisect")
+    assert a != b and a.is_dir() and b.is_dir()
