@@ -1,10 +1,10 @@
-"""Lifecycle operations as faults (`[[faults]]` kinds detach-attach, destroy and
-save-restore): the toolstack disconnecting and reconnecting the backend while a
-run is on, where blkback's teardown and connect paths are exercised. Each returns an `Outcome`
-(lab/faults.py) that lab/decide.py judges: the operation completed within its
-deadline, nothing of the old connection survived (xenstore nodes, ring threads,
-the backing device held open, a domain Xen still holds), and, for a disk that
-comes back, it connects again."""
+"""Lifecycle operations as faults (`[[faults]]` kinds detach-attach, destroy,
+save-restore and reboot): the toolstack disconnecting and reconnecting the
+backend while a run is on, where blkback's teardown and connect paths are
+exercised. Each returns an `Outcome` (lab/faults.py) that lab/decide.py judges:
+the operation completed within its deadline, nothing of the old connection
+survived (xenstore nodes, ring threads, the backing device held open, a domain
+Xen still holds), and, for a disk that comes back, it connects again."""
 
 from __future__ import annotations
 
@@ -55,6 +55,19 @@ class Lifecycle:
         devid = str(VDEV_DEVID[vdev])
         return [x for x in found if f"/{devid} " in x + " " or f".{vdev}-" in x or gu.backings[vdev].name in x]
 
+    def _old_domain_left(self, domid: int, gu: Guest) -> list[str]:
+        """What remains in dom0 of a domain that is gone (destroyed, saved, or
+        rebooted into a new one): a domain Xen still holds, then, once the
+        backend has had GONE_SECONDS to tear its devices down (xenwatch does it
+        asynchronously), each of its connections still there."""
+        left = _dying(self.l1.dom0, [domid])
+        deadline = Deadline(GONE_SECONDS)
+        while True:
+            found = self._leftovers(domid, None, gu)
+            if not found or deadline.expired():
+                return left + found
+            time.sleep(0.5)
+
     def detach_attach(self, f: FaultCfg) -> Outcome:
         gu = self.guests[f.guest]
         dom0 = self.l1.dom0
@@ -92,14 +105,7 @@ class Lifecycle:
             return bad
         took = time.monotonic() - t
         left = [] if _gone(self.l1.dom0, ["xl", "domid", f.guest]) else [f"{f.guest} still listed by xl"]
-        left += _dying(self.l1.dom0, [gu.domid])
-        deadline = Deadline(GONE_SECONDS)
-        while True:  # the backend tears its devices down asynchronously (xenwatch)
-            found = self._leftovers(gu.domid, None, gu)
-            if not found or deadline.expired():
-                break
-            time.sleep(0.5)
-        left += found
+        left += self._old_domain_left(gu.domid, gu)
         if left:
             return Outcome(False, leftovers=tuple(left), detail=f"xl destroy took {took:.1f}s")
         return Outcome(True, detail=f"xl destroy took {took:.1f}s; nothing of domain {gu.domid} left in dom0")
@@ -122,14 +128,7 @@ class Lifecycle:
                 return bad
             saved = time.monotonic() - t
             old = gu.domid
-            left = _dying(dom0, [old])
-            deadline = Deadline(GONE_SECONDS)
-            while True:  # the old backend devices go asynchronously (xenwatch)
-                found = self._leftovers(old, None, gu)
-                if not found or deadline.expired():
-                    break
-                time.sleep(0.5)
-            left += found
+            left = self._old_domain_left(old, gu)
             if left:
                 return Outcome(False, leftovers=tuple(f"after xl save: {x}" for x in left),
                                detail=f"xl save took {saved:.1f}s")
@@ -192,7 +191,7 @@ class Lifecycle:
             time.sleep(0.5)
         gu.domid = int(res.stdout)
         rebuilt = time.monotonic() - t
-        left = _dying(dom0, [old]) + self._leftovers(old, None, gu)
+        left = self._old_domain_left(old, gu)
         if left:
             return Outcome(False, leftovers=tuple(f"after xl reboot: {x}" for x in left))
         try:

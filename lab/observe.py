@@ -228,7 +228,7 @@ def _start_samplers(sc: scenario.Scenario, l1: L1, guests: list[Guest], tracks: 
 
 def _snapshot(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, jobs: Sequence[Job],
               samplers: Sequence[Sampler], injector: Injector | None, watch: _Watch, now: float, end_by: Deadline,
-              *, final: bool, t_end: float | None = None, results: dict[int, IoResult | str] | None = None
+              *, final: bool, t_end: float | None = None, results: dict[int, IoResult | NoResult] | None = None
               ) -> decide.Observations:
     jobs = [j for j in jobs if j.cfg.guest not in watch.gone]
     samplers = [s for s in samplers if s.machine not in watch.gone]
@@ -263,7 +263,17 @@ def _fault_obs(r: FaultRecord) -> decide.FaultObs:
                            detail=o.detail, target=target, ended_at=r.ended_at)
 
 
-def _workload_obs(j: Job, parsed: IoResult | str | None) -> decide.WorkloadObs:
+@dataclass(frozen=True)
+class NoResult:
+    """A finished workload that left no parsable result: why, and whether that
+    is the lab's failure (the tool says it could not run at all) rather than
+    the backend's."""
+
+    why: str
+    lab_failure: str = ""
+
+
+def _workload_obs(j: Job, parsed: IoResult | NoResult | None) -> decide.WorkloadObs:
     running = j.thread is not None and j.thread.is_alive()
     r = j.result
     if r is None:
@@ -275,15 +285,14 @@ def _workload_obs(j: Job, parsed: IoResult | str | None) -> decide.WorkloadObs:
     return decide.WorkloadObs(
         j.key, running=running, rc=r.rc, transport_error=r.transport_error, stopped_by_lab=stopped,
         stderr=r.stderr, errors=parsed.errors if isinstance(parsed, IoResult) else None,
-        no_result=parsed if isinstance(parsed, str) else "",
-        lab_failure=parsed.removeprefix(LAB_FAILURE) if isinstance(parsed, str) and parsed.startswith(LAB_FAILURE)
-        else "",
+        no_result=parsed.why if isinstance(parsed, NoResult) else "",
+        lab_failure=parsed.lab_failure if isinstance(parsed, NoResult) else "",
     )
 
 
-def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> dict[int, IoResult | str]:
+def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> dict[int, IoResult | NoResult]:
     """Each finished workload's structured output, parsed; the reason when there is none."""
-    out: dict[int, IoResult | str] = {}
+    out: dict[int, IoResult | NoResult] = {}
     for j in jobs:
         if j.result is None or j.result.transport_error:
             continue
@@ -294,13 +303,8 @@ def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> 
         try:
             out[j.index] = tool.parse(res.stdout)
         except ValueError as e:
-            out[j.index] = str(e) or "unparsable output"
-            if why := tool.lab_failure(res.stdout):
-                out[j.index] = LAB_FAILURE + why
+            out[j.index] = NoResult(str(e) or "unparsable output", tool.lab_failure(res.stdout))
     return out
-
-
-LAB_FAILURE = "lab: "  # a no-result reason that is the lab's failure (the tool could not run)
 
 
 def _observed(tr: Track, until: float) -> dict[str, Any]:
@@ -312,7 +316,7 @@ def _observed(tr: Track, until: float) -> dict[str, Any]:
             "inflight_at_end": g[-1].inflight, "seconds": round(g[-1].t - g[0].t, 1)}
 
 
-def _workload_entry(j: Job, parsed: IoResult | str | None, until: float) -> dict[str, Any]:
+def _workload_entry(j: Job, parsed: IoResult | NoResult | None, until: float) -> dict[str, Any]:
     w, tr = j.cfg, j.track
     during = [p for p in tr.backend_pts if p.t <= until]
     slots = tr.ring_capacity

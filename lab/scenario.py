@@ -349,7 +349,7 @@ def _check(s: Scenario, where: str) -> None:
 
 def _check_frontend(fe: GuestCfg, path: str,
                     err: typing.Callable[[str, str], ScenarioError]) -> None:
-    """blkfront's parameters, in a guest or a reconnect: -1 leaves the driver's default."""
+    """A guest's blkfront parameters: -1 leaves the driver's default."""
     if fe.max_ring_page_order not in range(-1, 5):
         raise err(f"{path}.max_ring_page_order", "expected -1 (driver default) or 0..4")
     if fe.max_queues < -1 or fe.max_queues == 0:

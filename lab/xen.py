@@ -8,12 +8,15 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import jinja2
 
 from lab.errors import LabError
 from lab.runner import Runner
+
+if TYPE_CHECKING:
+    from lab.scenario import GuestCfg
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -178,16 +181,7 @@ def vbd_info(domid: int, vdev: str, backend: dict[str, str], frontend: dict[str,
     )
 
 
-class FrontendWants(Protocol):
-    @property
-    def max_ring_page_order(self) -> int: ...
-    @property
-    def max_queues(self) -> int: ...
-    @property
-    def feature_persistent(self) -> int: ...
-
-
-def negotiation_problems(want: FrontendWants, info: VbdInfo, vcpus: int) -> list[str]:
+def negotiation_problems(want: GuestCfg, info: VbdInfo, vcpus: int) -> list[str]:
     """What a connected vbd negotiated that its frontend's parameters and the
     backend's offer do not allow (-1 parameters: the driver's default, not
     checked). blkfront takes the smaller of its limit and the backend's offer,

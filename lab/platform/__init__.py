@@ -53,8 +53,8 @@ class Media:
     record: dict[str, Any]  # what record.json's "images" says
     accel: str  # "kvm" or "tcg": each platform chooses in its own order (Linux probes its own Xen)
     accel_reason: str
-    private: Any = None
-    scratch: tuple[Path, ...] = ()  # directories the run removes at its end (links made for QEMU)  # the platform's own (Linux: the dom0 image; FreeBSD: the provisioned image)
+    private: Any = None  # the platform's own (Linux: the dom0 image; FreeBSD: the provisioned image)
+    scratch: tuple[Path, ...] = ()  # directories the run removes at its end (links made for QEMU)
 
 
 @dataclass(frozen=True)

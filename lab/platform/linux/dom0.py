@@ -70,8 +70,7 @@ class LinuxDom0(Dom0Base):
     def sample_argv(self, interval: str, disks: list[tuple[VbdInfo, Backing]]) -> list[str]:
         """One long-lived sampler for every test disk (images/common/lab-sample),
         reading each disk's statistics through a link `point_vbd` can move."""
-        links = "".join(f"ln -sfn {BACKEND_DEVICES}/{shlex.quote(v.sysfs_name)} {VBD_LINKS}/{shlex.quote(b.name)} && "
-                        for v, b in disks)
+        links = "".join(f"{_link(v.sysfs_name, b)} && " for v, b in disks)
         paths = " ".join(shlex.quote(p) for v, b in disks for p in self.stat_paths(v.sysfs_name, b))
         return ["sh", "-c", f"mkdir -p {VBD_LINKS} && {links}exec lab-sample {shlex.quote(interval)} {paths}"]
 
@@ -146,8 +145,7 @@ class LinuxDom0(Dom0Base):
         """The sampler reads a test disk's statistics through a link named after
         its backing device (stable for the run); after a save-restore the disk is
         a new backend device, and the link follows it."""
-        self.sh(f"ln -sfn {BACKEND_DEVICES}/{shlex.quote(vbd_sysfs)} {VBD_LINKS}/{shlex.quote(b.name)}",
-                stage="fault:save-restore")
+        self.sh(_link(vbd_sysfs, b), stage="fault:save-restore")
 
     def unload_backend(self) -> str | None:
         """Once no disk uses it, xen-blkback must unload; a reference it forgot to
@@ -196,6 +194,11 @@ def parse_vbd_sample(values: list[str | None]) -> dict[str, int] | None:
     stats["backing_inflight"] = int(r) + int(w)
     stats["taken"] = stats["rd_req"] + stats["wr_req"] + stats["f_req"] + stats["ds_req"]
     return stats
+
+
+def _link(vbd_sysfs: str, b: Backing) -> str:
+    """The shell command that points a test disk's link at its backend device."""
+    return f"ln -sfn {BACKEND_DEVICES}/{shlex.quote(vbd_sysfs)} {VBD_LINKS}/{shlex.quote(b.name)}"
 
 
 def parse_leftovers(text: str, domids: list[int]) -> list[str]:
