@@ -51,9 +51,10 @@ test-e2e-all: deps venv images
 	$(PY) -m pytest tests/e2e -v $(XDIST) --junitxml=results/junit-e2e-all.xml
 	$(MAKE) bench
 
-# Benchmarks print JSON on stdout: warm start and per-phase times, then hang detection.
+# Benchmarks print JSON on stdout: warm guests (a cold default, five warm, a
+# ring-saturation bisect step at a good and a bad commit), then hang detection.
 bench: deps venv images
-	$(PY) tests/bench/bench_run.py --runs 3
+	$(PY) tests/bench/bench_run.py --warm 5
 	$(PY) tests/bench/bench_detect.py --stalls 5 --healthy 5 --slow 5
 	$(PY) tests/bench/bench_backend.py
 

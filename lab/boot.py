@@ -1,7 +1,9 @@
-"""L1 up: per-run disks, QEMU, then a saved state restored (same inputs only) or a
-cold boot through the platform's console milestones, each with its own
-deadline; then dom0 over SSH with its clock set. Everything it starts is handed
-to the caller's exit stack, so teardown unwinds it whatever happens."""
+"""L1 up: per-run disks, QEMU, then a saved state restored (same inputs only,
+guests included: lab/l1state.py) or a cold boot through the platform's console
+milestones, each with its own deadline; then dom0 over SSH with its clock set.
+A cold boot leaves a state pending, which `save_state` writes once the pipeline
+has the guests up. Everything it starts is handed to the caller's exit stack, so
+teardown unwinds it whatever happens."""
 
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ class L1:
     boot: dict[str, float]  # record.json's "boot"
     pending_state: l1state.State | None = None  # saved during this run; kept only if it reaches a verdict
     socket_dirs: list[Path] = field(default_factory=list)
+    pending_inputs: dict[str, Any] | None = None  # the pending state's key inputs (its meta.json)
+    guests_saved: bool = False  # restored: the scenario's guests are up in it (lab/guests.py: adopt)
 
 
 @dataclass(frozen=True)
@@ -71,22 +75,27 @@ def guest_ip(sc: scenario.Scenario, name: str) -> str:
     return f"{GUEST_NET}.{10 + [g.name for g in sc.guests].index(name)}"
 
 
-def boot_disk(sc: scenario.Scenario, media: Media, where: Where) -> Path:
+def guest_files(sc: scenario.Scenario, media: Media, g: scenario.GuestCfg) -> tuple[Path, Path]:
+    """The guest's kernel and initrd on L0: the scenario's own, else the lab image's."""
+    kernel = scenario.user_file(sc, g.kernel, "guests.kernel") or media.guest.kernel
+    initrd = scenario.user_file(sc, g.initrd, "guests.initrd") or media.guest.initrd
+    return kernel, initrd
+
+
+def boot_disk(sc: scenario.Scenario, media: Media, where: Where, img: Path) -> Path:
     """A read-only ext4 disk holding each guest's kernel and initrd, which dom0's xl
     needs as files (copying them over SSH costs seconds: dom0's crypto is emulated)."""
     stage = where.work / "boot"
     stage.mkdir()
     total = 0
     for g in sc.guests:
-        kernel = scenario.user_file(sc, g.kernel, "guests.kernel") or media.guest.kernel
-        initrd = scenario.user_file(sc, g.initrd, "guests.initrd") or media.guest.initrd
+        kernel, initrd = guest_files(sc, media, g)
         for src, dst in ((kernel, f"{g.name}-vmlinuz"), (initrd, f"{g.name}-initrd")):
             shutil.copyfile(src, stage / dst)
             total += src.stat().st_size
     if total * 1.2 > BOOT_DISK_MIB * 2**20:
         raise LabError("image", f"the guests' kernels and initrds ({total >> 20} MiB) do not fit the "
                        f"{BOOT_DISK_MIB} MiB boot disk")
-    img = where.work / "boot.img"
     where.l0.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", str(stage), str(img), f"{BOOT_DISK_MIB}M"],
                  timeout=60).check("image")
     shutil.rmtree(stage)
@@ -146,12 +155,13 @@ def connect_dom0(media: Media, spec: qemu.VmSpec, where: Where, deadline: Deadli
 
 
 def up(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where, stack: contextlib.ExitStack,
-       *, cold: bool, progress: list[str], deadline: Deadline) -> L1:
-    """Restore a saved L1 whose key matches, else boot cold (and save one when the
-    platform supports warm start). `progress[0]` is kept at the current stage."""
+       *, cold: bool, progress: list[str], deadline: Deadline, guests: list[dict[str, Any]] | None = None) -> L1:
+    """Restore a saved L1 whose key matches, else boot cold (and, when the platform
+    supports warm start, leave a state pending: the pipeline saves it once the
+    guests are up, `save_state`). `guests`: the key inputs of the scenario's
+    guests (lab/guests.py: state_inputs). `progress[0]` is kept at the current stage."""
     progress[0] = "boot:qemu"
     slots_ = slots(sc, media)
-    boot = boot_disk(sc, media, where)
     socket_dirs: list[Path] = []
     def remove_socket_dirs() -> None:
         for d in socket_dirs:
@@ -161,16 +171,18 @@ def up(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where
     con = console.Console(where.results / "console-xen.log", "Xen serial")
     accel = media.accel
     if platform.direct_boot and platform.warm_start:
-        probe = platform.vm_spec(sc, media, accel=accel, drives=drives([Path(s.name) for s in slots_], slots_, boot),
+        # the key replaces every drive's path by its serial: the boot disk's path is no input
+        probe = platform.vm_spec(sc, media, accel=accel,
+                                 drives=drives([Path(s.name) for s in slots_], slots_, Path("boot.img")),
                                  console_log=con.path, qmp_sock=None, ssh_port=0)
-        inputs = l1state.key_inputs(probe, slots_)
+        inputs = l1state.key_inputs(probe, slots_, guests)
         key = l1state.state_key(inputs)
         rec: dict[str, Any] = {"key": key}
         state = None if cold else l1state.find(key)
         if state is not None:
             try:
                 with contextlib.ExitStack() as attempt:
-                    l1 = _restore(sc, platform, media, where, attempt, state, slots_, boot, rec, socket_dirs,
+                    l1 = _restore(sc, platform, media, where, attempt, state, slots_, rec, socket_dirs,
                                   progress, deadline)
                     stack.push(attempt.pop_all())
                     return l1
@@ -184,24 +196,26 @@ def up(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where
                 l1state.remove(key)
                 con.path.unlink(missing_ok=True)
                 con = console.Console(con.path, con.name)
-        return _cold(sc, platform, media, where, stack, slots_, boot, rec, inputs, socket_dirs, con, progress,
+        return _cold(sc, platform, media, where, stack, slots_, rec, inputs, socket_dirs, con, progress,
                      deadline)
     rec = {"start": "cold", "warm_start": f"not for a {platform.os} dom0 yet"}
-    return _cold(sc, platform, media, where, stack, slots_, boot, rec, None, socket_dirs, con, progress, deadline)
+    return _cold(sc, platform, media, where, stack, slots_, rec, None, socket_dirs, con, progress, deadline)
 
 
 def _restore(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where,
-             stack: contextlib.ExitStack, state: l1state.State, slots_: list[l1state.Slot], boot: Path,
+             stack: contextlib.ExitStack, state: l1state.State, slots_: list[l1state.Slot],
              rec: dict[str, Any], socket_dirs: list[Path], progress: list[str], deadline: Deadline) -> L1:
     progress[0] = "boot:restore"
     t0 = time.monotonic()
     disks = l1state.restore_overlays(state, slots_, where.work)
-    spec = platform.vm_spec(sc, media, accel=media.accel, drives=drives(disks, slots_, boot),
+    spec = platform.vm_spec(sc, media, accel=media.accel, drives=drives(disks, slots_, state.boot_disk),
                             console_log=where.results / "console-xen.log",
                             qmp_sock=qmp_path(where.work, socket_dirs), ssh_port=qemu.free_port(),
                             extra=["-incoming", l1state.load_uri(state.file)])
     vm, spec = start_qemu(spec, where, stack)
-    rec.update(start="restored", state=str(state.dir))
+    saved_guests = [g["name"] for g in state.meta().get("inputs", {}).get("guests", [])]
+    rec.update(start="restored", state=str(state.dir), guests="restored with L1" if saved_guests else "none saved",
+               saved_guests=saved_guests)
     rec["load_s"] = round(l1state.wait_restored(vm, timeout=120), 2)
     shutil.copyfile(state.dir / "console-boot.log", where.results / "console-xen-boot.log")
     dom0 = connect_dom0(media, spec, where, deadline.slice(60), stage="boot:restore")
@@ -210,20 +224,23 @@ def _restore(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where:
     ops = _after_boot(sc, platform, dom0)
     con = console.Console(where.results / "console-xen.log", "Xen serial")
     return L1(vm, spec, dom0, ops, con, slots_, rec, {"restore_load": rec["load_s"], "dom0_ssh": rec["dom0_ready_s"]},
-              None, socket_dirs)
+              None, socket_dirs, guests_saved=bool(saved_guests))
 
 
 def _cold(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where, stack: contextlib.ExitStack,
-          slots_: list[l1state.Slot], boot: Path, rec: dict[str, Any], inputs: dict[str, Any] | None,
+          slots_: list[l1state.Slot], rec: dict[str, Any], inputs: dict[str, Any] | None,
           socket_dirs: list[Path], con: console.Console, progress: list[str], deadline: Deadline) -> L1:
     rec["start"] = "cold"
+    rec["guests"] = "booted cold"
     pending = None
     if inputs is not None and l1state.find(rec["key"]) is None:
         pending = l1state.begin(rec["key"])
-        # dropped unless the run reaches a verdict (the pipeline settles it)
+        # dropped unless the run saves it and reaches a verdict (the pipeline settles it)
         disks = l1state.create_disks(pending, slots_)
+        boot = boot_disk(sc, media, where, pending.boot_disk)
     else:
         disks = l1state.create_disks(where.work, slots_)
+        boot = boot_disk(sc, media, where, where.work / "boot.img")
     t_qemu = time.monotonic()
     spec = platform.vm_spec(sc, media, accel=media.accel, drives=drives(disks, slots_, boot),
                             console_log=con.path, qmp_sock=qmp_path(where.work, socket_dirs),
@@ -239,13 +256,6 @@ def _cold(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Wh
                 reached = ", ".join(f"{k} at {v:.0f}s" for k, v in boot_t.items()) or "none"
                 raise LabError(e.stage, f"{e.message}; milestones reached: {reached}", tail=e.tail) from None
             boot_t[step.name] = round(time.monotonic() - t_qemu, 2)
-        if pending is not None:
-            # dom0 is up, no SSH session has ever been opened, no domU exists
-            progress[0] = "boot:save"
-            shutil.copyfile(con.path, pending.dir / "console-boot.log")
-            assert inputs is not None
-            rec["save_paused_s"] = round(l1state.save(vm, pending, slots_, where.work, inputs=inputs), 2)
-            rec["saved_state"] = str(l1state.states_dir() / rec["key"])
         progress[0] = "boot:ssh"
         dom0 = connect_dom0(media, spec, where, deadline.slice(sc.deadlines.dom0_ssh), stage="boot:ssh")
         stack.callback(dom0.close)
@@ -256,7 +266,23 @@ def _cold(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Wh
     boot_t["dom0_ssh"] = round(time.monotonic() - t_qemu, 2)
     rec["dom0_ready_s"] = boot_t["dom0_ssh"]
     ops = _after_boot(sc, platform, dom0)
-    return L1(vm, spec, dom0, ops, con, slots_, rec, boot_t, pending, socket_dirs)
+    return L1(vm, spec, dom0, ops, con, slots_, rec, boot_t, pending, socket_dirs, pending_inputs=inputs)
+
+
+def save_state(l1: L1, where: Where, progress: list[str]) -> None:
+    """Save the pending state now: dom0 and the scenario's guests are up, no test
+    disk is attached and the backend under test is not loaded yet. QEMU is paused
+    for it; the SSH sessions of this run survive (the VM only paused); a restore
+    opens new ones. A failure here is the lab's (ERROR): the caller's exit stack
+    removes the half-made state."""
+    pending = l1.pending_state
+    assert pending is not None and l1.pending_inputs is not None
+    progress[0] = "boot:save"
+    shutil.copyfile(l1.xen_console.path, pending.dir / "console-boot.log")
+    paused = l1state.save(l1.vm, pending, l1.slots, where.work, inputs=l1.pending_inputs)
+    l1.record["save_paused_s"] = round(paused, 2)
+    l1.record["saved_state"] = str(l1state.states_dir() / pending.key)
+    l1.record["saved_guests"] = [g["name"] for g in l1.pending_inputs.get("guests", [])]
 
 
 def _after_boot(sc: scenario.Scenario, platform: Dom0Platform, dom0: ssh.SshRunner) -> Dom0Ops:

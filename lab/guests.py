@@ -1,15 +1,17 @@
 """Guests: boot each from its kernel and initramfs (its whole root is in there, so
 a guest never needs the backend under test to boot: a guest that does not come up
-is the lab's failure, ERROR), then load its frontend with the scenario's ring and
-queue limits, create fresh test disks in dom0 and attach them (`xl
-block-attach`), and check in xenstore that each is a `vbd` served by the dom0
-kernel with the ring it negotiated. A test disk the backend refuses or never
-connects is the backend's failure: `DiskFailure`, a FAIL."""
+is the lab's failure, ERROR), or adopt those a restored L1 holds (warm start);
+then, with the backend under test loaded, load each frontend with the
+scenario's ring and queue limits, create fresh test disks in dom0 and attach
+them (`xl block-attach`), and check in xenstore that each is a `vbd` served by
+the dom0 kernel with the ring it negotiated. A test disk the backend refuses or
+never connects is the backend's failure: `DiskFailure`, a FAIL."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,10 @@ from typing import Any
 import paramiko
 
 from lab import console, ringfront, scenario, ssh
-from lab.boot import L1, Where, guest_ip
+from lab.boot import L1, Where, guest_files, guest_ip
 from lab.errors import LabError
 from lab.platform import Backing, GuestPlatform, Media
-from lab.platforms import guest_platform
+from lab.platforms import dom0_platform, guest_platform
 from lab.timing import Deadline
 from lab.xen import VDEV_DEVID, VbdInfo, Xl, negotiation_problems, parse_xenstore_ls, render_xl_cfg, vbd_info
 
@@ -50,10 +52,13 @@ class Guest:
     os: GuestPlatform
     backings: dict[str, Backing] = field(default_factory=dict)
     vbds: dict[str, VbdInfo] = field(default_factory=dict)
+    from_state: bool = False  # up in a restored L1 (warm start), not booted by this run
+    blkfront: dict[str, str] = field(default_factory=dict)  # blkfront's parameters as loaded for the test disks
 
-    def as_record(self, blkfront: dict[str, str]) -> dict[str, Any]:
+    def as_record(self) -> dict[str, Any]:
         return {
-            "domid": self.domid, "ip": self.ip, "root": "initramfs", "blkfront_params": blkfront,
+            "domid": self.domid, "ip": self.ip, "root": "initramfs", "blkfront_params": self.blkfront,
+            "booted": "restored with L1" if self.from_state else "cold",
             "vbds": {v: {**dataclasses.asdict(i), "ring_capacity": i.ring_capacity, "sysfs": i.sysfs_name,
                          "backing": dataclasses.asdict(self.backings[v])} for v, i in self.vbds.items()},
         }
@@ -65,9 +70,40 @@ def console_tail(l1: L1, name: str, n: int = 30) -> str:
     return l1.dom0.run(["tail", "-n", str(n), f"/var/log/xen/console/guest-{name}.log"], timeout=10).stdout
 
 
-def start(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: dict[str, float],
-          progress: list[str], deadline: Deadline) -> list[Guest]:
-    """Boot every guest, then attach its test disks."""
+def xl_configs(sc: scenario.Scenario, *, run_id: str) -> dict[str, str]:
+    """Each guest's xl config, no disk in it (test disks are attached later)."""
+    out = {}
+    for g in sc.guests:
+        gp = guest_platform(g.os)
+        ip = guest_ip(sc, g.name)
+        reboots = any(f.kind == "reboot" and f.guest == g.name for f in sc.faults)
+        out[g.name] = render_xl_cfg(
+            name=g.name, run_id=run_id, kernel=f"{BOOT_MOUNT}/{g.name}-vmlinuz",
+            ramdisk=f"{BOOT_MOUNT}/{g.name}-initrd", cmdline=gp.cmdline(g, ip=ip, rebooted=reboots),
+            memory_mib=g.memory.mib, vcpus=g.vcpus, disks=[],
+            mac=f"00:16:3e:00:00:{int(ip.rsplit('.', 1)[1]):02x}", restart_on_reboot=reboots,
+            vif_script=dom0_platform(sc.dom0.os).vif_script,
+        )
+    return out
+
+
+def state_inputs(sc: scenario.Scenario, media: Media) -> list[dict[str, Any]]:
+    """What a saved L1 holding these guests depends on (lab/l1state.py hashes the
+    files): each guest's kernel, initrd and xl config (its command line, memory,
+    vCPUs, MAC, what a reboot does). Not the ring or queue limits, nor the test
+    disks: those are applied after a restore, exactly as after a cold boot."""
+    cfgs = xl_configs(sc, run_id="(saved with L1)")
+    out = []
+    for g in sc.guests:
+        kernel, initrd = guest_files(sc, media, g)
+        out.append({"name": g.name, "kernel": kernel, "initrd": initrd, "xl_cfg": cfgs[g.name]})
+    return out
+
+
+def boot_all(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: dict[str, float],
+             progress: list[str], deadline: Deadline) -> list[Guest]:
+    """Boot every guest from its kernel and initramfs, no disk attached, and wait
+    for its SSH."""
     progress[0] = "guest:create"
     dl = sc.deadlines
     xl = Xl(l1.dom0, timeout=dl.command)
@@ -75,15 +111,9 @@ def start(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: 
     l1.ops.mount_boot_disk("lab-boot", BOOT_MOUNT)
     phases["mount_boot_disk"] = round(time.monotonic() - t, 2)
     booted: list[tuple[scenario.GuestCfg, int]] = []
+    cfgs = xl_configs(sc, run_id=where.results.name)
     for g in sc.guests:
-        gp = guest_platform(g.os)
-        ip = guest_ip(sc, g.name)
-        cfg = render_xl_cfg(
-            name=g.name, run_id=where.results.name, kernel=f"{BOOT_MOUNT}/{g.name}-vmlinuz",
-            ramdisk=f"{BOOT_MOUNT}/{g.name}-initrd", cmdline=gp.cmdline(g, ip=ip), memory_mib=g.memory.mib,
-            vcpus=g.vcpus, disks=[], mac=f"00:16:3e:00:00:{int(ip.rsplit('.', 1)[1]):02x}",
-            restart_on_reboot=any(f.kind == "reboot" and f.guest == g.name for f in sc.faults),
-        )
+        cfg = cfgs[g.name]
         (where.results / f"xl-{g.name}.cfg").write_text(cfg)
         path = f"/run/lab/{g.name}.cfg"
         l1.dom0.run(["sh", "-c", f"cat > {path}"], timeout=dl.command, input=cfg).check("guest:create")
@@ -101,12 +131,50 @@ def start(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: 
         runner = _connect(sc, l1, media, where, g, domid, deadline)
         phases[f"guest_ssh_{g.name}"] = round(time.monotonic() - t, 2)
         guests.append(Guest(g, guest_ip(sc, g.name), domid, runner, guest_platform(g.os)))
+    return guests
+
+
+def adopt(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: dict[str, float],
+          progress: list[str], deadline: Deadline) -> list[Guest]:
+    """The guests a restored L1 holds (lab/l1state.py): each still running under
+    its name, with no disk of any kind, reached over a new SSH session (TCP state
+    did not survive the save) and its clock set from L0's (it stood still while
+    saved). Anything else means the state is not what its key says: the lab's
+    failure (ERROR), and the caller drops the state."""
+    progress[0] = "guest:restore"
+    dl = sc.deadlines
+    guests = []
+    for g in sc.guests:
+        # one round trip: its domain id, then any vbd node dom0 holds for it
+        res = l1.dom0.run(["sh", "-c", f"d=$(xl domid {shlex.quote(g.name)}) && echo \"domid=$d\" && "
+                           "xenstore-ls -f /local/domain/0/backend/vbd/$d 2>/dev/null; true"], timeout=dl.command)
+        res.check("guest:restore")
+        m = re.match(r"domid=(\d+)\n", res.stdout)
+        if m is None:
+            raise LabError("guest:restore", f"guest {g.name} is not in the restored L1 "
+                           f"({(res.stdout.strip() or res.stderr.strip())[-200:]!r})")
+        domid = int(m.group(1))
+        vbds = parse_xenstore_ls(res.stdout[m.end():])
+        if vbds:
+            raise LabError("guest:restore", f"guest {g.name} (domain {domid}) has a disk in the restored L1: "
+                           f"{sorted(vbds)[:3]}; a saved state must hold none")
+        t = time.monotonic()
+        runner = _connect(sc, l1, media, where, g, domid, deadline)
+        gp = guest_platform(g.os)
+        runner.run(gp.set_clock_argv(int(time.time())), timeout=dl.command).check("guest:restore")
+        phases[f"guest_ssh_{g.name}"] = round(time.monotonic() - t, 2)
+        (where.results / f"xl-{g.name}.cfg").write_text(xl_configs(sc, run_id="(saved with L1)")[g.name])
+        guests.append(Guest(g, guest_ip(sc, g.name), domid, runner, gp, from_state=True))
+    return guests
+
+
+def attach_all(sc: scenario.Scenario, l1: L1, guests: list[Guest], where: Where, *, progress: list[str],
+               deadline: Deadline) -> None:
+    """Fresh test disks for every guest, the backend under test already loaded."""
     progress[0] = "guest:attach"
-    t = time.monotonic()
+    xl = Xl(l1.dom0, timeout=sc.deadlines.command)
     for gu in guests:
         attach_disks(sc, l1, gu, xl, where, deadline)
-    phases["attach"] = round(time.monotonic() - t, 2)
-    return guests
 
 
 def _connect(sc: scenario.Scenario, l1: L1, media: Media, where: Where, g: scenario.GuestCfg,
@@ -154,8 +222,10 @@ def attach_disks(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where,
     test disk and wait until both ends say Connected."""
     dl = sc.deadlines
     gp = gu.os
-    gu.runner.run(gp.frontend_argv(gu.cfg), timeout=dl.command).check("guest:attach")
-    have = gp.blkfront_params(gu.runner, timeout=dl.command)
+    # one round trip: reload blkfront, then read back the limits it took
+    have = gp.parse_blkfront_params(gu.runner.run(gp.frontend_argv(gu.cfg), timeout=dl.command)
+                                    .check("guest:attach").stdout)
+    gu.blkfront = have
     wrong = {k: (v, have.get(k)) for k, v in gp.frontend_params(gu.cfg).items() if have.get(k) != v}
     if wrong:
         raise LabError("guest:attach", f"guest {gu.cfg.name}'s blkfront did not take the scenario's limits "
@@ -258,7 +328,8 @@ def wait_unbound(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Whe
 def _block_attach(l1: L1, gu: Guest, xl: Xl, vdev: str, deadline: Deadline) -> None:
     """`xl block-attach` of a test disk on its backing device: the lab losing dom0
     is ERROR, the toolstack refusing it is the backend's FAIL."""
-    spec = f"format=raw, vdev={vdev}, access=rw, target={gu.backings[vdev].path}"
+    script = f"script={l1.ops.block_script}, " if l1.ops.block_script else ""
+    spec = f"format=raw, vdev={vdev}, access=rw, {script}target={gu.backings[vdev].path}"  # target= comes last
     res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=max(1.0, deadline.remaining()))
     if res.transport_error:
         res.check("guest:attach")  # the lab lost dom0: ERROR

@@ -1,16 +1,25 @@
 """Warm start: save a freshly booted Xen VM (L1) once, restore it for later runs.
 
 Under TCG a cold boot to dom0 SSH costs about 28 s, a restore about 3 s
-(facts/l1-snapshot.md). A saved state is only valid for exactly the QEMU build,
-command line, kernels, images and disk layout it was taken with, so its key
-hashes all of them; any change means a cold boot and a new state.
+(facts/l1-snapshot.md); the scenario's guests are saved with it (their `xl
+create` and SSH cost another 20-25 s). A saved state is only valid for exactly
+the QEMU build, command line, kernels, images and disk layout it was taken with,
+and for the guests it holds (kernel, initrd, xl config: command line, memory,
+vCPUs), so its key hashes all of them; any change means a cold boot and a new
+state. What a run tests is never in it: the backend under test is loaded, the
+guests' blkfront reloaded with the scenario's ring and queues, and the test
+disks made and attached after the restore, exactly as after a cold boot. The
+guests' SSH sessions at save time are not reused (TCP does not survive a
+restore): a restored run opens new ones and sets the guests' clocks.
 
 Disks: the cold boot's writable disks are created inside the state's directory.
-At the save point (dom0 ready, no SSH session, no domU) QEMU is stopped, every
+At the save point (dom0 ready and the scenario's guests booted and answering
+SSH, with no disk served by the backend under test) QEMU is stopped, every
 writable disk is switched to a new per-run overlay (blockdev-snapshot-sync), and
 the RAM and device state go to a file. From then on the state's disks are never
 written: the cold run writes its overlays, and every restore gets fresh overlays
-on top of the frozen disks.
+on top of the frozen disks. The read-only disk with the guests' kernels
+(boot.img) lives in the state too: dom0 has it mounted when saved.
 
 A state is built aside (lab/cache.py: `.KEY.building-PID-TOKEN`) and renamed
 into place only when the run that took it reached a decision (PASS, FAIL or
@@ -36,7 +45,7 @@ from lab.errors import LabError
 from lab.timing import Deadline, wait_until
 
 log = logging.getLogger("lab.l1state")
-STATE_FORMAT = "1"  # bump when the layout of a state directory changes
+STATE_FORMAT = "2"  # bump when the layout of a state directory changes (2: guests and boot.img inside)
 PROMOTE_ON = ("PASS", "FAIL", "HANG")
 
 
@@ -98,8 +107,10 @@ def load_uri(path: Path) -> str:
     return f"exec:cat {shlex.quote(str(path))}"
 
 
-def key_inputs(spec: qemu.VmSpec, slots: list[Slot]) -> dict:
-    """Everything that must match for a state to load and be correct."""
+def key_inputs(spec: qemu.VmSpec, slots: list[Slot], guests: list[dict] | None = None) -> dict:
+    """Everything that must match for a state to load and be correct. `guests`:
+    the guests saved with L1, each {"name", "kernel", "initrd" (paths, hashed
+    here), "xl_cfg" (text)} (lab/guests.py: state_inputs)."""
     canon = dataclasses.replace(
         spec,
         drives=[dataclasses.replace(d, path=Path(f"<{d.serial}>")) for d in spec.drives],
@@ -121,6 +132,8 @@ def key_inputs(spec: qemu.VmSpec, slots: list[Slot]) -> dict:
              f"{s.base.parent.name}/{s.base.name}|{s.base.stat().st_size}|{s.base.stat().st_mtime_ns}"}
             for s in slots
         ],
+        "guests": [{"name": g["name"], "kernel": _file_id(Path(g["kernel"])), "initrd": _file_id(Path(g["initrd"])),
+                    "xl_cfg": g["xl_cfg"]} for g in guests or []],
     }
 
 
@@ -139,6 +152,13 @@ class State:
 
     def disk(self, slot: Slot) -> Path:
         return self.dir / f"{slot.name}.qcow2"
+
+    @property
+    def boot_disk(self) -> Path:
+        """The read-only disk with the guests' kernels: dom0 has it mounted in the
+        saved state, so a restore must give it these very bytes (mkfs is not
+        reproducible: a new one would differ under dom0's cached metadata)."""
+        return self.dir / "boot.img"
 
     def meta(self) -> dict:
         return json.loads((self.dir / "meta.json").read_text())
@@ -207,6 +227,8 @@ def save(vm: qemu.Vm, state: State, slots: list[Slot], work: Path, *, inputs: di
         vm.qmp("cont")
     for s in slots:
         state.disk(s).chmod(0o400)
+    if state.boot_disk.exists():
+        state.boot_disk.chmod(0o400)
     # root only: the RAM image holds dom0's memory, its SSH host key included
     state.file.chmod(0o400)
     (state.dir / "meta.json").write_text(json.dumps({
@@ -217,8 +239,9 @@ def save(vm: qemu.Vm, state: State, slots: list[Slot], work: Path, *, inputs: di
 
 
 def promote(state: State, verdict: str) -> State | None:
-    """Keep the state only if the run that took it reached a decision."""
-    if verdict not in PROMOTE_ON:
+    """Keep the state only if the run that took it reached a decision (and got as
+    far as saving it)."""
+    if verdict not in PROMOTE_ON or not (state.dir / "meta.json").exists():
         shutil.rmtree(state.dir, ignore_errors=True)
         return None
     # if another run saved the same key first, its state is kept and ours dropped

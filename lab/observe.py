@@ -6,6 +6,7 @@ pure decision (lab/decide.py); nothing here decides by itself."""
 from __future__ import annotations
 
 import contextlib
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,9 @@ PROBE_SECONDS = 5.0  # dom0's liveness probe: `true` over SSH answers in well un
 LONG = 24 * 3600.0  # samplers end with the run; the channel closes then
 
 
+JOB_NOT_WRITTEN = "lab-job-not-written"
+
+
 @dataclass
 class Job:
     """One running workload and what became of it."""
@@ -38,6 +42,7 @@ class Job:
     track: Track
     index: int
     grace: float  # the lab's deadline for it is its runtime plus this
+    job: str = ""  # the job file's text (fio job, blkring config), sent on the run's stdin
     thread: threading.Thread | None = None
     result: Result | None = None
 
@@ -67,6 +72,20 @@ class Outcome:
     drain_s: float = 0.0
     platform_record: dict[str, Any] = field(default_factory=dict)  # e.g. FreeBSD's "xbbd" report
     gone: set[str] = field(default_factory=set)  # guests a lifecycle fault destroyed (no teardown for them)
+    t0: float = 0.0  # time.monotonic() when the workload phase began (the tracks' t = 0)
+
+
+def first_io(tracks: Sequence[Track]) -> float | None:
+    """When a workload's I/O was first seen: the t of the earliest guest sample
+    whose completed count is above that disk's first sample (which may already
+    count the kernel's partition probe at attach). An upper bound, one sampling
+    interval coarse; None when no disk moved."""
+    seen = []
+    for tr in tracks:
+        pts = tr.guest_pts
+        seen += [next((p.t for p in pts if p.completed > pts[0].completed), None)] if pts else []
+    moved = [t for t in seen if t is not None]
+    return min(moved) if moved else None
 
 
 @dataclass
@@ -100,9 +119,8 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
         tool = WORKLOADS[w.tool]
         job = tool.job(w, g.os.disk_device(w.disk))
         (where.results / f"{w.tool}-{i}.job").write_text(job)
-        g.runner.run(["sh", "-c", f"cat > /run/lab/{w.tool}-{i}.job"], timeout=dl.command,
-                     input=job).check("workload")
-        jobs.append(Job(w, g, Track(w.guest, w.disk, info.sysfs_name, info.ring_capacity), i, dl.workload_grace))
+        jobs.append(Job(w, g, Track(w.guest, w.disk, info.sysfs_name, info.ring_capacity), i, dl.workload_grace,
+                        job))
     tracks = [j.track for j in jobs]
     lock = threading.Lock()
     t0 = time.monotonic()
@@ -124,10 +142,14 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
         injector.start()
     for j in jobs:
         tool = WORKLOADS[j.cfg.tool]
-        argv = tool.argv(f"/run/lab/{j.cfg.tool}-{j.index}.job", f"/run/lab/{j.cfg.tool}-{j.index}.json")
+        job_path = f"/run/lab/{j.cfg.tool}-{j.index}.job"
+        # the job file goes in on the tool's own round trip (stdin), then the tool replaces the shell
+        # (a job file it could not write is the lab's failure: JOB_NOT_WRITTEN, never the tool's)
+        argv = ["sh", "-c", f"cat > {job_path} || {{ echo {JOB_NOT_WRITTEN}; exit 97; }}; exec "
+                + shlex.join(tool.argv(job_path, f"/run/lab/{j.cfg.tool}-{j.index}.json"))]
 
         def go(j: Job = j, argv: list[str] = argv) -> None:
-            j.result = j.guest.runner.run(argv, timeout=j.cfg.runtime + j.grace)
+            j.result = j.guest.runner.run(argv, timeout=j.cfg.runtime + j.grace, input=j.job)
 
         j.thread = threading.Thread(target=go, name=f"workload-{j.index}", daemon=True)
         j.thread.start()
@@ -190,7 +212,7 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
             r["ended_by"] = f"{life.ended_by.get(j.cfg.guest, 'destroy')} (a lifecycle fault): not judged after it"
     destroyed = {g for g in life.gone if life.ended_by.get(g) == "destroy"}
     return Outcome(verdict, tracks, samplers, [r.as_dict() for r in injector.records] if injector else [],
-                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, destroyed)
+                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, destroyed, t0)
 
 
 def _qmp(vm: Any, cmd: str) -> None:
@@ -295,6 +317,10 @@ def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> 
     out: dict[int, IoResult | NoResult] = {}
     for j in jobs:
         if j.result is None or j.result.transport_error:
+            continue
+        if JOB_NOT_WRITTEN in j.result.stdout:
+            why = f"the lab could not write the job file in guest {j.guest.cfg.name}: {j.result.stderr.strip()[-200:]}"
+            out[j.index] = NoResult(why, why)
             continue
         name = f"{j.cfg.tool}-{j.index}.json"
         res = j.guest.runner.run(["cat", f"/run/lab/{name}"], timeout=sc.deadlines.command)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from lab import console, decide, evidence, guests, images, l1state, observe, report, scenario, teardown
-from lab.boot import L1, Where, up
+from lab.boot import L1, Where, save_state, up
 from lab.errors import Interrupted, LabError
-from lab.platform import BackendCtx
+from lab.platform import BackendCtx, Media
 from lab.platforms import dom0_platform
 from lab.progress import Progress
 from lab.runner import CommandLog, LocalRunner, signals_deferred
@@ -139,11 +139,22 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 # one deadline for the rest of the run, each phase takes its slice
                 run_dl = Deadline(run_budget(sc))
                 rec["deadline_s"] = round(run_dl.seconds)
+                t_boot = time.monotonic()
                 with phases("boot"):
-                    l1 = up(sc, platform, media, where, infra, cold=opts.cold, progress=progress, deadline=run_dl)
+                    l1 = up(sc, platform, media, where, infra, cold=opts.cold, progress=progress, deadline=run_dl,
+                            guests=guests.state_inputs(sc, media))
                 rec.update(l1=l1.record, boot=l1.boot,
                            qemu={"pid": l1.vm.pid, "version": _qemu_version(), "ssh_port": l1.spec.ssh_port})
                 rec["host"]["qemu"] = rec["qemu"]["version"]
+                # guests before the backend: they hold no disk yet, and a warm start
+                # saves them with L1 before anything under test is loaded
+                with phases("guests"):
+                    started = _guests_up(sc, l1, media, where, rec, progress, run_dl)
+                for g in started:
+                    infra.callback(g.runner.close)
+                if l1.pending_state is not None:
+                    with phases("save"):
+                        save_state(l1, where, progress)
                 progress[0] = "backend"
                 with phases("backend"):
                     dom0 = l1.dom0
@@ -153,17 +164,16 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 # KernelCI's names for what is under test: which tree, which commit
                 b = rec["backend"]
                 rec["kernelci"] = {"tree": b.get("source") or b.get("kind"), "commit": b.get("commit")}
-                with phases("guests"):
-                    started = guests.start(sc, l1, media, where, phases=rec["phases"], progress=progress,
-                                           deadline=run_dl)
-                for g in started:
-                    infra.callback(g.runner.close)
-                rec["guests"] = {g.cfg.name: g.as_record(g.os.blkfront_params(g.runner, timeout=sc.deadlines.command))
-                                 for g in started}
+                with phases("attach"):
+                    guests.attach_all(sc, l1, started, where, progress=progress, deadline=run_dl)
+                rec["guests"] = {g.cfg.name: g.as_record() for g in started}
                 with phases("workload"):
                     outcome = observe.run(sc, platform, l1, started, where, exp, progress=progress, deadline=run_dl,
                                           on_started=opts.on_workload_started, status=opts.progress)
                 verdict = outcome.verdict
+                first = observe.first_io(outcome.tracks)
+                if first is not None:  # from starting L1 (a restore or a cold boot) to the workload's first I/O
+                    rec["first_io_s"] = round(outcome.t0 + first - t_boot, 2)
                 rec["phases"]["fio"] = outcome.fio_s
                 rec["phases"]["drain"] = outcome.drain_s
             except guests.DiskFailure as e:  # the backend under test refused or never served a test disk
@@ -219,6 +229,23 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
     if interrupted is not None:
         raise interrupted
     return rec
+
+
+def _guests_up(sc: scenario.Scenario, l1: L1, media: Media, where: Where, rec: dict[str, Any],
+               progress: list[str], deadline: Deadline) -> list[guests.Guest]:
+    """The scenario's guests: those a restored L1 holds, else booted now. A
+    restored state whose guests are not as saved is dropped (the next run boots
+    cold), and this run is an ERROR: nothing of the backend was tested yet."""
+    if not l1.guests_saved:
+        return guests.boot_all(sc, l1, media, where, phases=rec["phases"], progress=progress, deadline=deadline)
+    try:
+        return guests.adopt(sc, l1, media, where, phases=rec["phases"], progress=progress, deadline=deadline)
+    except LabError as e:
+        key = l1.record.get("key")
+        if isinstance(key, str) and l1state.is_state_key(key):
+            l1state.remove(key)
+            l1.record["state_dropped"] = f"its guests were not as saved: {e.message}"
+        raise
 
 
 def run_budget(sc: scenario.Scenario) -> float:

@@ -68,7 +68,7 @@ class SshRunner:
         start = time.monotonic()
         last: Exception | None = None
         while not deadline.expired():
-            if abort is not None:
+            if abort is not None and last is not None:  # the first try costs less than a look at the console
                 abort()
             try:
                 self._open(timeout=min(30.0, max(1.0, deadline.remaining())))

@@ -191,8 +191,8 @@ class Span:
 
 # The pipeline's phases in the order they run; the steps recorded inside a phase
 # (record["phases"] keeps both kinds in one flat dict) and which phase holds them.
-TOP_PHASES = ("images", "boot", "backend", "guests", "workload", "evidence", "teardown")
-INNER = {"mount_boot_disk": "guests", "xl_create_": "guests", "guest_ssh_": "guests", "attach": "guests",
+TOP_PHASES = ("images", "boot", "guests", "save", "backend", "attach", "workload", "evidence", "teardown")
+INNER = {"mount_boot_disk": "guests", "xl_create_": "guests", "guest_ssh_": "guests",
          "fio": "workload", "diskspd": "workload", "drain": "workload"}
 
 

@@ -67,6 +67,7 @@ VDEV_DEVID = {f"xvd{c}": _devid(i) for i, c in enumerate(string.ascii_lowercase)
 _VDEV = re.compile(r"xvd[a-z]")
 _TARGET = re.compile(r"/dev/(?!.*\.\.)[A-Za-z0-9_./+-]+")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_SCRIPT = re.compile(r"/[A-Za-z0-9_./-]+")  # a hotplug script's path (xl's script=)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,12 @@ def render_xl_cfg(**params: object) -> str:
         v = params.get(k)
         if k in params and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise LabError("guest:create", f"xl config: {k} {v!r} is not a positive integer")
-    return _env.get_template("xl-linux-pv.cfg.j2").render(**{"restart_on_reboot": False, **params})
+    script = params.get("vif_script")
+    if script is not None and not _SCRIPT.fullmatch(str(script)):
+        raise LabError("guest:create", f"xl config: vif script {script!r} is not an absolute path without ',', "
+                       "'=', quotes or spaces")
+    return _env.get_template("xl-linux-pv.cfg.j2").render(**{"restart_on_reboot": False, "vif_script": None,
+                                                               **params})
 
 
 def parse_xenstore_ls(text: str) -> dict[str, str]:

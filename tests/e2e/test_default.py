@@ -29,6 +29,10 @@ def _check_default_pass(rec: dict, sc: scenario.Scenario) -> None:
     assert counters["delta"]["rd_req"] > 0 and counters["delta"]["wr_req"] > 0
     drain = rec["drain"]["lin1/xvdb"]
     assert drain["drained"] and drain["totals_match"]
+    # the stock xen-blkback, loaded afresh by this run (also after a restore), and what it is
+    b = rec["backend"]
+    assert b["kind"] == "stock" and b["module_path"].endswith("/xen-blkback.ko"), b
+    assert "srcversion" in b and b["vermagic"].startswith(b["kernel"]), b  # Debian's in-tree module has no srcversion
     d = Path(rec["results_dir"])
     for f in ("record.json", "counters.csv", "console-xen.log", "console-lin1.log", "qemu-argv.json",
               "commands.log", "scenario.toml"):
@@ -45,6 +49,7 @@ def test_default_scenario_passes_on_a_cold_booted_l1(lab_run: LabRun) -> None:
     rec = lab_run(sc, cold=True)
     _check_default_pass(rec, sc)
     assert rec["l1"]["start"] == "cold"
+    assert rec["l1"]["guests"] == "booted cold" and rec["guests"]["lin1"]["booted"] == "cold"
     assert rec["boot"]["xen_banner"] < rec["boot"]["dom0_kernel"] < rec["boot"]["dom0_ssh"]
 
 
@@ -56,6 +61,11 @@ def test_default_scenario_passes_on_a_restored_l1(lab_run: LabRun) -> None:
     _check_default_pass(rec, sc)
     assert rec["l1"]["start"] == "restored", rec["l1"]
     assert "restore_failed" not in rec["l1"]
+    # warm guests (issue 13): lin1 came from the state; its disk was attached fresh
+    # by this run and negotiated the scenario's ring (checked in _check_default_pass)
+    assert rec["l1"]["guests"] == "restored with L1" and rec["l1"]["saved_guests"] == ["lin1"]
+    assert rec["guests"]["lin1"]["booted"] == "restored with L1"
+    assert not any(k.startswith("xl_create_") for k in rec["phases"]), rec["phases"]
     assert rec["l1"]["dom0_ready_s"] < 15
 
 

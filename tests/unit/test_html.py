@@ -70,14 +70,16 @@ def test_layout_shades_faults_marks_hangs_and_draws_the_ring() -> None:
 
 
 def test_timeline_orders_phases_and_nests_their_steps() -> None:
-    spans = svgplot.timeline({"images": 2, "boot": 19, "backend": 1, "mount_boot_disk": 1, "xl_create_lin1": 10,
-                              "guest_ssh_lin1": 13, "attach": 7, "guests": 32, "workload": 34, "fio": 32.5,
-                              "drain": 1, "teardown": 2, "evidence": 12, "odd": "x"})  # type: ignore[dict-item]
+    # the order a run records them in (pipeline.run): guests, save, backend, attach
+    spans = svgplot.timeline({"images": 2, "boot": 19, "mount_boot_disk": 1, "xl_create_lin1": 10,
+                              "guest_ssh_lin1": 13, "guests": 25, "save": 2, "backend": 1, "attach": 7,
+                              "workload": 34, "fio": 32.5, "drain": 1, "teardown": 2, "evidence": 12,
+                              "odd": "x"})  # type: ignore[dict-item]
     top = [(s.name, s.start) for s in spans if s.level == 0]
-    assert top == [("images", 0), ("boot", 2), ("backend", 21), ("guests", 22), ("workload", 54),
-                   ("evidence", 88), ("teardown", 100)]
+    assert top == [("images", 0), ("boot", 2), ("guests", 21), ("save", 46), ("backend", 48), ("attach", 49),
+                   ("workload", 56), ("evidence", 90), ("teardown", 102)]
     inner = {s.name: (s.start, s.level) for s in spans if s.level == 1}
-    assert inner["xl_create_lin1"] == (23, 1) and inner["fio"] == (54, 1) and inner["drain"] == (86.5, 1)
+    assert inner["xl_create_lin1"] == (22, 1) and inner["fio"] == (56, 1) and inner["drain"] == (88.5, 1)
 
 
 def test_counters_csv_splits_into_disks() -> None:

@@ -344,7 +344,12 @@ def test_linux_guest_shall_read_its_disk_and_blkfront_parameters() -> None:
 ])
 def test_linux_guest_shall_reload_blkfront_with_the_scenario_limits(order: int, queues: int, line: str) -> None:
     g = scenario.GuestCfg(name="lin1", max_ring_page_order=order, max_queues=queues)
-    assert guest.LinuxGuest.frontend_argv(g) == ["sh", "-c", line]
+    # and, only if the load worked, what it took (read back in the same round trip)
+    assert guest.LinuxGuest.frontend_argv(g) == ["sh", "-c", f"{line} && {guest.BLKFRONT_PARAMS}"]
+    # captured from a real guest after that command (scenario default: order 0, 1 queue)
+    took = "max_indirect_segments:32\nmax_queues:1\nmax_ring_page_order:0\nfeature_persistent:Y\n"
+    assert guest.LinuxGuest.parse_blkfront_params(took) == {
+        "max_indirect_segments": "32", "max_queues": "1", "max_ring_page_order": "0", "feature_persistent": "1"}
 
 
 def test_os_tables_shall_map_linux() -> None:

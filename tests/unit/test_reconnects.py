@@ -88,7 +88,18 @@ def test_the_guest_command_line_shall_carry_blkfront_limits_for_a_reboot() -> No
     from lab.platform.linux.guest import LinuxGuest
 
     g = scenario.GuestCfg(name="lin1", max_ring_page_order=0, max_queues=1, feature_persistent=0)
-    words = LinuxGuest().cmdline(g, ip="10.99.0.11").split()
+    words = LinuxGuest().cmdline(g, ip="10.99.0.11", rebooted=True).split()
     assert {"xen_blkfront.max_ring_page_order=0", "xen_blkfront.max_queues=1",
             "xen_blkfront.feature_persistent=0", "rootfstype=ramfs", "lab.ip=10.99.0.11"} <= set(words)
     assert not any(w.startswith("xen_blkfront.max_indirect") for w in words)  # -1: the driver's default
+
+
+def test_a_guest_no_fault_reboots_shall_not_carry_the_ring_on_its_command_line() -> None:
+    """Warm start saves guests with L1 and keys the state on their command lines:
+    the ring and queues are applied at attach, so they stay out of both."""
+    from lab.platform.linux.guest import LinuxGuest
+
+    g = scenario.GuestCfg(name="lin1", max_ring_page_order=0, max_queues=1, feature_persistent=0)
+    words = LinuxGuest().cmdline(g, ip="10.99.0.11").split()
+    assert "lab.ip=10.99.0.11" in words
+    assert not [w for w in words if w.startswith("xen_blkfront.")]

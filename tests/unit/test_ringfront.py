@@ -260,7 +260,8 @@ def _attach(tmp_path: Path, dom0: Scripted, guest: Scripted) -> tuple[Any, Any]:
     from lab.xen import Xl
     gu = guests.Guest(sc.guests[0], "10.99.0.10", 3, guest, LinuxGuest(),  # type: ignore[arg-type]
                       backings={"xvdb": Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-0")})
-    l1 = SimpleNamespace(dom0=dom0)
+    from lab.platform.linux.dom0 import LinuxDom0
+    l1 = SimpleNamespace(dom0=dom0, ops=SimpleNamespace(block_script=LinuxDom0.block_script))
     where = SimpleNamespace(results=tmp_path)
     info = guests.attach_one(sc, l1, gu, Xl(dom0, timeout=5), where, "xvdb", Deadline(3))  # type: ignore[arg-type]
     return gu, info
@@ -275,6 +276,8 @@ def test_a_ring_disk_shall_be_attached_with_autoprobe_off_and_left_unbound(tmp_p
     on = next(i for i, c in enumerate(guest.calls) if "echo 1 > /sys/bus/xen/drivers_autoprobe" in c)
     attach = next(i for i, c in enumerate(dom0.calls) if c.startswith("xl block-attach lin1"))
     assert off < on and attach >= 0
+    # the lab's lean hotplug script, and target= last (xl reads the rest of the spec as the target)
+    assert dom0.calls[attach].endswith("script=/etc/xen/scripts/lab-block-phy, target=/dev/mapper/lab-lin1-xvdb")
     assert "modprobe" in guest.calls[0], "the modules and devices are checked first"
     assert not any("xen_blkfront" in c for c in guest.calls)
     assert (tmp_path / "xenstore-lin1.txt").exists()
@@ -784,3 +787,21 @@ def test_a_ring_disks_capacity_is_what_blkring_negotiated(name: str, slots: int)
     from lab.ringfront import capacity
 
     assert capacity(json.loads((DATA / name).read_text())) == slots
+
+
+def test_a_job_file_the_lab_could_not_write_shall_be_the_labs_failure(tmp_path: Path) -> None:
+    """The job file goes in on the tool's own round trip; when `cat > job` fails,
+    the tool never ran: a NoResult carrying a lab failure (ERROR), not the tool's."""
+    from lab import observe
+    from lab.runner import Result
+
+    sc = scenario.from_dict({"name": "t", "guests": [{"name": "lin1", "disks": [{"vdev": "xvdb"}]}],
+                             "workloads": [{"guest": "lin1", "disk": "xvdb"}]})
+    never = Scripted([])  # no `cat` of a JSON may be tried
+    j = observe.Job(sc.workloads[0], SimpleNamespace(cfg=sc.guests[0], runner=never), None, 0, 5.0,  # type: ignore[arg-type]
+                    "[global]\n")
+    j.result = Result(("sh",), 97, f"{observe.JOB_NOT_WRITTEN}\n", "sh: can't create /run/lab/fio-0.job: "
+                      "No space left on device", 0.1)
+    (got,) = observe._fetch_results(sc, [j], SimpleNamespace(results=tmp_path)).values()  # type: ignore[arg-type]
+    assert isinstance(got, observe.NoResult) and "No space left" in got.lab_failure
+    assert never.calls == []

@@ -388,3 +388,18 @@ def test_drain_without_flushes_shall_need_equal_totals() -> None:
     tr.backend_pts.append(BackendPoint(1.0, {"taken": 14, "wr_req": 5, "backing_inflight": 0}))
     d = check_drain(tr, 0.5)
     assert not d.drained and d.mismatches == ("guest completed 15 != backend took 14",)
+
+
+def test_first_io_shall_be_the_first_guest_sample_above_the_attach_probe() -> None:
+    """A real default run (tests/data/counters-default-pass.csv): the guest's
+    first sample already counts the 54 reads of the kernel's partition probe at
+    attach; fio's first I/O is the first sample above that."""
+    from lab.observe import first_io
+
+    tr = track_from_rows(csv_rows("counters-default-pass.csv"))
+    first = next(p for p in tr.guest_pts if p.completed > tr.guest_pts[0].completed)
+    assert tr.guest_pts[0].completed == 54 and first_io([tr]) == first.t > tr.guest_pts[0].t
+    idle = Track("lin1", "xvdc", "vbd-1-51744", ring_capacity=32)
+    idle.guest_pts += [GuestPoint(1.0, 54, 0), GuestPoint(2.0, 54, 0)]
+    assert first_io([idle]) is None and first_io([]) is None
+    assert first_io([idle, tr]) == first.t  # the earliest disk that moved

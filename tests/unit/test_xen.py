@@ -141,6 +141,21 @@ def test_render_xl_cfg_shall_hold_every_disk_and_the_extra_cmdline() -> None:
     assert 'on_reboot = "restart"' in _cfg(restart_on_reboot=True), "a reboot fault's guest is built again"
 
 
+@pytest.mark.parametrize(("script", "line"), [
+    (None, "vif = [ 'bridge=xenbr0, mac=00:16:3e:00:00:0a' ]"),  # xl's default vif-bridge (a FreeBSD dom0)
+    ("/etc/xen/scripts/lab-vif-bridge",
+     "vif = [ 'bridge=xenbr0, mac=00:16:3e:00:00:0a, script=/etc/xen/scripts/lab-vif-bridge' ]"),
+])
+def test_render_xl_cfg_shall_name_the_vif_script_only_when_given(script: str | None, line: str) -> None:
+    assert line in _cfg(vif_script=script).splitlines()
+
+
+@pytest.mark.parametrize("script", ["lab-vif-bridge", "/x y", "/x,bridge=evil", "/x'", '/x"'])
+def test_render_xl_cfg_shall_refuse_a_vif_script_that_could_add_a_setting(script: str) -> None:
+    with pytest.raises(LabError, match="vif script"):
+        _cfg(vif_script=script)
+
+
 def test_render_xl_cfg_shall_refuse_a_missing_parameter() -> None:
     import jinja2
 

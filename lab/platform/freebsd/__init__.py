@@ -79,6 +79,7 @@ class FreeBsdPlatform:
 
     os = "freebsd"
     warm_start = False
+    vif_script: str | None = None  # FreeBSD's own vif-bridge
     direct_boot = False
 
     def media(self, sc: scenario.Scenario, *, l0: LocalRunner, results: Path, work: Path, accel: str) -> Media:

@@ -29,6 +29,7 @@ class FreeBsdDom0(Dom0Base):
     """The Dom0Ops of a FreeBSD dom0."""
 
     os = "freebsd"
+    block_script: str | None = None  # FreeBSD's own block script
 
     def set_clock(self, epoch: int) -> None:
         self.r.run(["date", "-u", "-f", "%s", str(epoch)], timeout=self.timeout)  # FreeBSD date(1)

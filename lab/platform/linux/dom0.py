@@ -30,6 +30,8 @@ VBD_STATS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sec
 
 class LinuxDom0(Dom0Base):
     os = "linux"
+    # the lab's lean phy hotplug script, in the dom0 image (images/linux-dom0/rootfs)
+    block_script: str | None = "/etc/xen/scripts/lab-block-phy"
 
     def disk_by_serial(self, serial: str) -> str:
         """The virtio disk QEMU gave this serial (no udev here, so no by-id links)."""
@@ -115,6 +117,13 @@ class LinuxDom0(Dom0Base):
         out = self.r.run(["sh", "-c", BACKEND_INFO], timeout=self.timeout).stdout
         return parse_key_values(out)
 
+    def load_stock_backend(self) -> dict[str, str]:
+        """Load the stock xen-blkback afresh (no vbd exists yet), then say what is
+        loaded: the backend under test never served a disk before this run, also
+        when L1 and its guests were restored from a saved state. One round trip."""
+        script = "rmmod xen_blkback 2>/dev/null; modprobe xen_blkback || exit 1\n" + BACKEND_INFO
+        return parse_key_values(self.sh(script, stage="backend"))
+
     def install_backend(self, ko: Path, expect_build_id: str | None, *, put: Callable[[Path, str], object]) -> dict:
         """Swap the stock xen-blkback for `ko` (no vbd exists yet), and prove it is
         the one loaded: a run with anything else loaded is an ERROR, never a PASS."""
@@ -171,9 +180,8 @@ class LinuxDom0(Dom0Base):
 BACKEND_INFO = r"""
 m=xen_blkback
 echo "kernel=$(uname -r)"
-echo "module_path=$(modinfo -n $m 2>/dev/null)"
-echo "srcversion=$(modinfo -F srcversion $m 2>/dev/null)"
-echo "vermagic=$(modinfo -F vermagic $m 2>/dev/null)"
+echo "srcversion="  # an in-tree module has none; a later line wins (parse_key_values)
+modinfo $m 2>/dev/null | sed -n 's/^filename: */module_path=/p; s/^srcversion: */srcversion=/p; s/^vermagic: */vermagic=/p'
 echo "build_id=$(od -An -tx1 -v /sys/module/$m/notes/.note.gnu.build-id 2>/dev/null | tr -d ' \n' | cut -c33-)"
 echo "taint=$(cat /sys/module/$m/taint 2>/dev/null)"
 for p in /sys/module/$m/parameters/*; do echo "param.${p##*/}=$(cat $p)"; done

@@ -98,19 +98,24 @@ def parse_module_params(text: str) -> dict[str, str]:
     return out
 
 
+BLKFRONT_PARAMS = "cd /sys/module/xen_blkfront/parameters && grep -H . *"
+
+
 class LinuxGuest:
     os = "linux"
 
     def image(self, *, l0: LocalRunner) -> images.Image:
         return images.ensure_image("linux-guest", runner=l0)
 
-    def cmdline(self, g: GuestCfg, *, ip: str) -> str:
+    def cmdline(self, g: GuestCfg, *, ip: str, rebooted: bool = False) -> str:
         # ramfs: the root is the initramfs, and the default (tmpfs) caps it at half
-        # the guest's memory, which the 135 MiB root does not fit at 320 MiB
-        # blkfront's limits on the command line too (modprobe reads module.param
-        # there): a guest rebooted by a fault loads it from its init, with the
-        # disks already there, and must negotiate what the scenario says
-        blkfront = [f"xen_blkfront.{k}={v}" for k, v in self.frontend_params(g).items()]
+        # the guest's memory, which the 135 MiB root does not fit at 320 MiB.
+        # blkfront's limits go on the command line only for a guest a fault reboots
+        # (modprobe reads module.param there): its init loads blkfront with the
+        # disks already there, and it must negotiate what the scenario says. Any
+        # other guest gets them at attach (frontend_argv), so a guest saved with L1
+        # (warm start) does not depend on the ring the scenario asks for.
+        blkfront = [f"xen_blkfront.{k}={v}" for k, v in self.frontend_params(g).items()] if rebooted else []
         return " ".join([g.cmdline, "rootfstype=ramfs", f"lab.ip={ip}", f"lab.name={g.name}", *blkfront])
 
     @staticmethod
@@ -130,7 +135,18 @@ class LinuxGuest:
         attached: its parameters are read when a device connects, and no disk
         uses it yet, so unloading is safe (the guest's init may have loaded it)."""
         params = " ".join(f"{k}={v}" for k, v in cls.frontend_params(g).items())
-        return ["sh", "-c", f"modprobe -r xen_blkfront 2>/dev/null; modprobe xen_blkfront {params}".rstrip()]
+        # then print the parameters it took (parse_blkfront_params), in the same round trip
+        return ["sh", "-c", f"modprobe -r xen_blkfront 2>/dev/null; modprobe xen_blkfront {params}".rstrip()
+                + f" && {BLKFRONT_PARAMS}"]
+
+    @staticmethod
+    def parse_blkfront_params(text: str) -> dict[str, str]:
+        return parse_module_params(text)
+
+    @staticmethod
+    def set_clock_argv(epoch: int) -> list[str]:
+        """A guest restored with L1 kept the time it was saved at."""
+        return ["date", "-u", "-s", f"@{int(epoch)}"]
 
     @staticmethod
     def io_check_argv(vdev: str, *, mib: int = 4) -> list[str]:
@@ -175,7 +191,7 @@ class LinuxGuest:
         return parse_vbd_binding(text)
 
     def blkfront_params(self, runner: Runner, *, timeout: float) -> dict[str, str]:
-        res = runner.run(["sh", "-c", "cd /sys/module/xen_blkfront/parameters && grep -H . *"], timeout=timeout)
+        res = runner.run(["sh", "-c", BLKFRONT_PARAMS], timeout=timeout)
         return parse_module_params(res.stdout)
 
     @staticmethod

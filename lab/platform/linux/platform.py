@@ -37,6 +37,8 @@ def space_free(xen: Path, kernel: Path, initrd: Path) -> Path | None:
 class LinuxPlatform:
     os = "linux"
     warm_start = True
+    # the lab's lean vif hotplug script, in the dom0 image (images/linux-dom0/rootfs)
+    vif_script: str | None = "/etc/xen/scripts/lab-vif-bridge"
     direct_boot = True
 
     def media(self, sc: scenario.Scenario, *, l0: LocalRunner, results: Path, work: Path, accel: str) -> Media:
@@ -99,9 +101,9 @@ class LinuxPlatform:
         (cached by its hash) and swapped in before the first guest exists."""
         ops = ctx.ops
         assert isinstance(ops, LinuxDom0)
-        loaded = ops.backend_module()
         src = ctx.sc.backend.source
         if not src:
+            loaded = ops.load_stock_backend()
             if "/updates/" in loaded.get("module_path", "") or "O" in loaded.get("taint", ""):
                 raise LabError("backend", f"dom0 has a non-stock xen-blkback loaded: {loaded}")
             return {"kind": "stock", **loaded}
