@@ -1,4 +1,5 @@
-"""L1 up: per-run disks, QEMU, then a saved state restored (same inputs only,
+"""L1 up: per-run disks, the VM (through the run's L0 driver, lab/l0.py: QEMU
+itself or a libvirt domain), then a saved state restored (same inputs only,
 guests included: lab/l1state.py) or a cold boot through the platform's console
 milestones, each with its own deadline; then dom0 over SSH with its clock set.
 A cold boot leaves a state pending, which `save_state` writes once the pipeline
@@ -8,7 +9,6 @@ teardown unwinds it whatever happens."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -17,15 +17,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
 from lab import console, l1state, qemu, scenario, ssh
-from lab.errors import LabError
+from lab.errors import LabError, StateBusy
 from lab.platform import Dom0Ops, Dom0Platform, Media
 from lab.runner import CommandLog, LocalRunner
 from lab.timing import Deadline
+
+if TYPE_CHECKING:  # lab/l0.py builds on this module (Where); boot only calls what it is handed
+    from lab.l0 import Driver, Vm
 
 log = logging.getLogger("lab.boot")
 BOOT_DISK_MIB = 512  # fixed: a restored dom0 has this disk's capacity cached from its boot
@@ -36,7 +39,7 @@ GUEST_NET = "10.99.0"  # dom0's xenbr0 is .1; guests from .10 (inside L1 only)
 class L1:
     """The running Xen VM and dom0, as the later phases use them."""
 
-    vm: qemu.Vm
+    vm: Vm
     spec: qemu.VmSpec
     dom0: ssh.SshRunner
     ops: Dom0Ops
@@ -44,6 +47,7 @@ class L1:
     slots: list[l1state.Slot]
     record: dict[str, Any]  # record.json's "l1"
     boot: dict[str, float]  # record.json's "boot"
+    driver: Driver  # what runs the VM (lab/l0.py)
     pending_state: l1state.State | None = None  # saved during this run; kept only if it reaches a verdict
     socket_dirs: list[Path] = field(default_factory=list)
     pending_inputs: dict[str, Any] | None = None  # the pending state's key inputs (its meta.json)
@@ -129,18 +133,10 @@ def write_owner(where: Where, *, qemu_pid: int | None) -> None:
     tmp.replace(where.work / "owner.json")
 
 
-def start_qemu(spec: qemu.VmSpec, where: Where, stack: contextlib.ExitStack) -> tuple[qemu.Vm, qemu.VmSpec]:
-    for attempt in (1, 2):  # the port may be taken between choosing and binding it
-        (where.results / "qemu-argv.json").write_text(json.dumps(qemu.build_argv(spec), indent=1) + "\n")
-        try:
-            vm = qemu.start(spec, where.results / "qemu-stderr.log", owner=stack, die_with_lab=not where.keep)  # owned before it returns
-            write_owner(where, qemu_pid=vm.pid)
-            return vm, spec
-        except LabError as e:
-            if attempt == 2 or "hostfwd" not in e.tail:
-                raise
-            spec = dataclasses.replace(spec, ssh_port=qemu.free_port())
-    raise AssertionError("unreachable")
+def start_vm(driver: Driver, spec: qemu.VmSpec, where: Where, stack: contextlib.ExitStack) -> tuple[Vm, qemu.VmSpec]:
+    vm, spec = driver.start(spec, where, stack)  # owned by `stack` before it returns
+    write_owner(where, qemu_pid=vm.pid)
+    return vm, spec
 
 
 def connect_dom0(media: Media, spec: qemu.VmSpec, where: Where, deadline: Deadline, *, stage: str) -> ssh.SshRunner:
@@ -155,11 +151,13 @@ def connect_dom0(media: Media, spec: qemu.VmSpec, where: Where, deadline: Deadli
 
 
 def up(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where, stack: contextlib.ExitStack,
-       *, cold: bool, progress: list[str], deadline: Deadline, guests: list[dict[str, Any]] | None = None) -> L1:
+       *, driver: Driver, cold: bool, progress: list[str], deadline: Deadline,
+       guests: list[dict[str, Any]] | None = None) -> L1:
     """Restore a saved L1 whose key matches, else boot cold (and, when the platform
     supports warm start, leave a state pending: the pipeline saves it once the
     guests are up, `save_state`). `guests`: the key inputs of the scenario's
-    guests (lab/guests.py: state_inputs). `progress[0]` is kept at the current stage."""
+    guests (lab/guests.py: state_inputs). `driver` runs the VM (lab/l0.py).
+    `progress[0]` is kept at the current stage."""
     progress[0] = "boot:qemu"
     slots_ = slots(sc, media)
     socket_dirs: list[Path] = []
@@ -175,17 +173,26 @@ def up(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where
         probe = platform.vm_spec(sc, media, accel=accel,
                                  drives=drives([Path(s.name) for s in slots_], slots_, Path("boot.img")),
                                  console_log=con.path, qmp_sock=None, ssh_port=0)
-        inputs = l1state.key_inputs(probe, slots_, guests)
+        inputs = l1state.key_inputs(probe, slots_, guests, driver.key_inputs())
         key = l1state.state_key(inputs)
         rec: dict[str, Any] = {"key": key}
         state = None if cold else l1state.find(key)
         if state is not None:
             try:
                 with contextlib.ExitStack() as attempt:
-                    l1 = _restore(sc, platform, media, where, attempt, state, slots_, rec, socket_dirs,
+                    l1 = _restore(sc, platform, media, where, attempt, driver, state, slots_, rec, socket_dirs,
                                   progress, deadline)
                     stack.push(attempt.pop_all())
                     return l1
+            except StateBusy as e:
+                # another run has it (libvirt: one run per saved state at a time): boot
+                # cold, and leave the state to that run (no new one is taken either)
+                log.warning("L1 state %s is in use, booting cold: %s", key, e.message)
+                rec["restore_failed"] = rec["state_busy"] = e.message
+                for s in slots_:
+                    (where.work / f"{s.name}.qcow2").unlink(missing_ok=True)
+                con.path.unlink(missing_ok=True)
+                con = console.Console(con.path, con.name)
             except LabError as e:
                 # never a PASS of a run that did not happen as described: say so,
                 # drop the state that failed, boot cold and save a new one
@@ -196,27 +203,27 @@ def up(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where
                 l1state.remove(key)
                 con.path.unlink(missing_ok=True)
                 con = console.Console(con.path, con.name)
-        return _cold(sc, platform, media, where, stack, slots_, rec, inputs, socket_dirs, con, progress,
+        return _cold(sc, platform, media, where, stack, driver, slots_, rec, inputs, socket_dirs, con, progress,
                      deadline)
     rec = {"start": "cold", "warm_start": f"not for a {platform.os} dom0 yet"}
-    return _cold(sc, platform, media, where, stack, slots_, rec, None, socket_dirs, con, progress, deadline)
+    return _cold(sc, platform, media, where, stack, driver, slots_, rec, None, socket_dirs, con, progress, deadline)
 
 
 def _restore(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where,
-             stack: contextlib.ExitStack, state: l1state.State, slots_: list[l1state.Slot],
+             stack: contextlib.ExitStack, driver: Driver, state: l1state.State, slots_: list[l1state.Slot],
              rec: dict[str, Any], socket_dirs: list[Path], progress: list[str], deadline: Deadline) -> L1:
     progress[0] = "boot:restore"
     t0 = time.monotonic()
     disks = l1state.restore_overlays(state, slots_, where.work)
     spec = platform.vm_spec(sc, media, accel=media.accel, drives=drives(disks, slots_, state.boot_disk),
                             console_log=where.results / "console-xen.log",
-                            qmp_sock=qmp_path(where.work, socket_dirs), ssh_port=qemu.free_port(),
-                            extra=["-incoming", l1state.load_uri(state.file)])
-    vm, spec = start_qemu(spec, where, stack)
+                            qmp_sock=qmp_path(where.work, socket_dirs), ssh_port=qemu.free_port())
+    vm, spec, load_s = driver.restore(spec, state, where, stack)  # owned by `stack`; running when it returns
+    write_owner(where, qemu_pid=vm.pid)
     saved_guests = [g["name"] for g in state.meta().get("inputs", {}).get("guests", [])]
     rec.update(start="restored", state=str(state.dir), guests="restored with L1" if saved_guests else "none saved",
                saved_guests=saved_guests)
-    rec["load_s"] = round(l1state.wait_restored(vm, timeout=120), 2)
+    rec["load_s"] = round(load_s, 2)
     shutil.copyfile(state.dir / "console-boot.log", where.results / "console-xen-boot.log")
     dom0 = connect_dom0(media, spec, where, deadline.slice(60), stage="boot:restore")
     stack.callback(dom0.close)
@@ -224,11 +231,11 @@ def _restore(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where:
     ops = _after_boot(sc, platform, dom0)
     con = console.Console(where.results / "console-xen.log", "Xen serial")
     return L1(vm, spec, dom0, ops, con, slots_, rec, {"restore_load": rec["load_s"], "dom0_ssh": rec["dom0_ready_s"]},
-              None, socket_dirs, guests_saved=bool(saved_guests))
+              driver, None, socket_dirs, guests_saved=bool(saved_guests))
 
 
 def _cold(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Where, stack: contextlib.ExitStack,
-          slots_: list[l1state.Slot], rec: dict[str, Any], inputs: dict[str, Any] | None,
+          driver: Driver, slots_: list[l1state.Slot], rec: dict[str, Any], inputs: dict[str, Any] | None,
           socket_dirs: list[Path], con: console.Console, progress: list[str], deadline: Deadline) -> L1:
     rec["start"] = "cold"
     rec["guests"] = "booted cold"
@@ -246,7 +253,7 @@ def _cold(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Wh
                             console_log=con.path, qmp_sock=qmp_path(where.work, socket_dirs),
                             ssh_port=qemu.free_port())
     try:
-        vm, spec = start_qemu(spec, where, stack)
+        vm, spec = start_vm(driver, spec, where, stack)
         boot_t: dict[str, float] = {}
         for step in platform.boot_steps(sc):
             progress[0] = step.milestone.stage
@@ -266,23 +273,34 @@ def _cold(sc: scenario.Scenario, platform: Dom0Platform, media: Media, where: Wh
     boot_t["dom0_ssh"] = round(time.monotonic() - t_qemu, 2)
     rec["dom0_ready_s"] = boot_t["dom0_ssh"]
     ops = _after_boot(sc, platform, dom0)
-    return L1(vm, spec, dom0, ops, con, slots_, rec, boot_t, pending, socket_dirs, pending_inputs=inputs)
+    return L1(vm, spec, dom0, ops, con, slots_, rec, boot_t, driver, pending, socket_dirs, pending_inputs=inputs)
 
 
-def save_state(l1: L1, where: Where, progress: list[str]) -> None:
+def save_state(l1: L1, where: Where, stack: contextlib.ExitStack, progress: list[str], *, deadline: Deadline) -> bool:
     """Save the pending state now: dom0 and the scenario's guests are up, no test
-    disk is attached and the backend under test is not loaded yet. QEMU is paused
-    for it; the SSH sessions of this run survive (the VM only paused); a restore
-    opens new ones. A failure here is the lab's (ERROR): the caller's exit stack
-    removes the half-made state."""
+    disk is attached and the backend under test is not loaded yet. A failure
+    here is the lab's (ERROR): the caller's exit stack removes the half-made
+    state. The qemu driver pauses QEMU for it and the SSH sessions of this run
+    survive (False). The libvirt driver's save stops the domain and restores it
+    at once in a new QEMU (lab/l0.py), owned by `stack`: dom0's session is opened
+    again here and its clock set; True tells the caller to reconnect the guests'."""
     pending = l1.pending_state
     assert pending is not None and l1.pending_inputs is not None
     progress[0] = "boot:save"
     shutil.copyfile(l1.xen_console.path, pending.dir / "console-boot.log")
-    paused = l1state.save(l1.vm, pending, l1.slots, where.work, inputs=l1.pending_inputs)
-    l1.record["save_paused_s"] = round(paused, 2)
+    saved = l1.driver.save(l1.vm, pending, l1.slots, where, stack, inputs=l1.pending_inputs)
+    l1.record["save_paused_s"] = round(saved.paused_s, 2)
     l1.record["saved_state"] = str(l1state.states_dir() / pending.key)
     l1.record["saved_guests"] = [g["name"] for g in l1.pending_inputs.get("guests", [])]
+    if not saved.restarted:
+        return False
+    l1.vm, l1.spec = saved.vm, saved.spec
+    write_owner(where, qemu_pid=l1.vm.pid)
+    l1.record["save_restarted"] = saved.detail
+    # TCP did not survive the old QEMU's user network: a new session, maybe on a new port
+    l1.dom0.reconnect(deadline.slice(60), stage="boot:save", connect=ssh.tcp_connect(l1.spec.ssh_port))
+    l1.ops.set_clock(int(time.time()))  # dom0 stood still while saved and restored
+    return True
 
 
 def _after_boot(sc: scenario.Scenario, platform: Dom0Platform, dom0: ssh.SshRunner) -> Dom0Ops:

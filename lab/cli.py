@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a scenario (a preset name or a TOML file)")
     r.add_argument("scenario")
     r.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="override the scenario's accelerator")
+    r.add_argument("--driver", choices=["qemu", "libvirt"],
+                   help="what runs the Xen VM: QEMU as the lab's child, or a libvirt domain (overrides [lab] driver)")
+    r.add_argument("--libvirt-uri", metavar="URI",
+                   help="the libvirt driver's local daemon (default qemu:///system)")
     r.add_argument("--results", type=Path, default=Path("results"), help="results root (default ./results)")
     r.add_argument("--keep", action="store_true", help="leave a failed lab running for `lab ssh`")
     r.add_argument("--cold", action="store_true", help="boot L1 cold even if a saved state matches")
@@ -149,6 +153,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lab import pipeline
 
     sc = scenario.load(args.scenario)
+    if args.libvirt_uri is not None:
+        from lab import l0
+
+        l0.driver(args.driver or sc.lab.driver, uri=args.libvirt_uri)  # a usage error now, not a run's ERROR
     if args.backend:
         import dataclasses
 
@@ -165,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from lab.progress import Progress
 
         opts = pipeline.Options(results_root=args.results, accel=args.accel, keep=args.keep, cold=args.cold,
-                                progress=Progress())
+                                progress=Progress(), driver=args.driver, libvirt_uri=args.libvirt_uri)
         try:
             rec = pipeline.run(sc, opts)
         except (KeyboardInterrupt, Interrupted):
@@ -178,8 +186,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in report.summary_lines(rec):
             print(line)
         if rec.get("kept"):
-            print(f"  lab left running (QEMU pid {rec['kept']['qemu_pid']}): "
+            kept = rec["kept"]
+            print(f"  lab left running (QEMU pid {kept['qemu_pid']}): "
                   f"`lab ssh dom0 --lab {rec['results_dir']}`; tear down with `{rec['teardown_hint']}`")
+            if kept.get("driver") == "libvirt":
+                print(f"  as libvirt domain {kept['domain']} (uuid {kept['uuid']}): "
+                      f"`virsh -c {kept['uri']} console {kept['domain']}` (Xen's serial; also logged to "
+                      f"{rec['results_dir']}/console-xen.log)")
             break
         if args.until_fail and rec["verdict"] != "PASS":
             break
@@ -322,7 +335,7 @@ def cmd_states(args: argparse.Namespace) -> int:
             import time as _t
 
             when = _t.strftime("%Y-%m-%d %H:%M", _t.localtime(st["created"] or 0))
-            print(f"{st['key']}  {st['bytes'] / 2**20:7.0f} MiB  saved {when}  {st['dir']}")
+            print(f"{st['key']}  {st['bytes'] / 2**20:7.0f} MiB  saved {when}  {st['driver']:7}  {st['dir']}")
         return 0
     keys = [st["key"] for st in states] if args.all else args.keys
     if not keys and not args.all:
@@ -377,6 +390,10 @@ def _lab_json(lab: Path, stage: str) -> tuple[dict, Path, list[str]]:
     if real.parent != runs or not real.name.startswith("run-"):
         raise bad("work", f"is {work!r}, not a run directory inside the lab's runs directory {runs} "
                   "(set LAB_CACHE as for the run that kept it)")
+    from lab import l0
+
+    if problem := l0.kept_problem(info):  # what the L0 driver wrote: a libvirt domain's uri, name, uuid
+        raise bad(*problem)
     dirs = info.get("socket_dirs", [])
     tmp = Path("/tmp").resolve()
     for d in dirs if isinstance(dirs, list) else [dirs]:
@@ -477,6 +494,16 @@ def cmd_down(args: argparse.Namespace) -> int:
     lab = args.lab.resolve()
     info, work, works = _lab_json(lab, "down")
     pid = info["qemu_pid"]
+    if info.get("driver") == "libvirt":
+        from lab import l0
+
+        # through libvirt (it knows the domain ended); proven this lab's first, as below
+        done = l0.driver("libvirt", uri=info["uri"]).down(info, works)
+        for d in [work, *info.get("socket_dirs", [])]:
+            shutil.rmtree(d, ignore_errors=True)
+        (lab / "lab.json").rename(lab / "lab.json.down")
+        print(f"lab in {lab} torn down ({done})")
+        return 0
     try:
         pidfd: int | None = os.pidfd_open(pid)
     except ProcessLookupError:

@@ -29,3 +29,9 @@ class ScenarioError(LabError):
 
 class Interrupted(Exception):
     """SIGTERM turned into an exception so teardown runs as it does for Ctrl-C."""
+
+
+class StateBusy(LabError):
+    """A saved L1 state that another run is using now: the libvirt driver restores
+    a state only under its saved domain name and uuid, so one run at a time. The
+    run that finds it busy boots cold and leaves the state alone."""

@@ -168,6 +168,16 @@ def adopt(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: 
     return guests
 
 
+def reconnect(sc: scenario.Scenario, guests: list[Guest], *, deadline: Deadline) -> None:
+    """L1 went on in a new QEMU process (the libvirt driver's save, lab/l0.py):
+    each guest's SSH session died with the old one's network. A new one through
+    dom0's (reconnected already), and the guest's clock set from L0's: it stood
+    still while L1 was saved and restored."""
+    for gu in guests:
+        gu.runner.reconnect(deadline.slice(sc.deadlines.guest_ssh), stage="boot:save")
+        gu.runner.run(gu.os.set_clock_argv(int(time.time())), timeout=sc.deadlines.command).check("boot:save")
+
+
 def attach_all(sc: scenario.Scenario, l1: L1, guests: list[Guest], where: Where, *, progress: list[str],
                deadline: Deadline) -> None:
     """Fresh test disks for every guest, the backend under test already loaded."""

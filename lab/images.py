@@ -384,7 +384,9 @@ def _build(recipe: Recipe, work: Path, mirror: list[AptSource], keys: Keys, run:
 # and the initrd of an image whose root lives in RAM (the guest's: its whole root).
 # A disk-root image's initrd holds only modules and init, but one rule per name is
 # simpler to check. Whoever reads the key can impersonate the lab's machines: root
-# only. QEMU runs as root (no libvirt, no qemu user yet); nothing else reads them.
+# only. QEMU runs as root; under the libvirt driver libvirt hands the disks it runs
+# to its QEMU user, and the lab copies dom0's initrd for that user into the run's
+# own work directory (lab/l0.py). Nothing else reads them.
 KEY_HOLDERS = ("root.img", "initrd.img")
 
 

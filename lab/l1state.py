@@ -107,10 +107,14 @@ def load_uri(path: Path) -> str:
     return f"exec:cat {shlex.quote(str(path))}"
 
 
-def key_inputs(spec: qemu.VmSpec, slots: list[Slot], guests: list[dict] | None = None) -> dict:
+def key_inputs(spec: qemu.VmSpec, slots: list[Slot], guests: list[dict] | None = None,
+               driver: dict | None = None) -> dict:
     """Everything that must match for a state to load and be correct. `guests`:
     the guests saved with L1, each {"name", "kernel", "initrd" (paths, hashed
-    here), "xl_cfg" (text)} (lab/guests.py: state_inputs)."""
+    here), "xl_cfg" (text)} (lab/guests.py: state_inputs). `driver`: what the L0
+    driver adds (lab/l0.py `key_inputs`): a libvirt save image is not a QEMU
+    migration stream, so the two drivers never share a state. The qemu driver
+    adds nothing, so its keys stay what they were before there was a choice."""
     canon = dataclasses.replace(
         spec,
         drives=[dataclasses.replace(d, path=Path(f"<{d.serial}>")) for d in spec.drives],
@@ -134,6 +138,7 @@ def key_inputs(spec: qemu.VmSpec, slots: list[Slot], guests: list[dict] | None =
         ],
         "guests": [{"name": g["name"], "kernel": _file_id(Path(g["kernel"])), "initrd": _file_id(Path(g["initrd"])),
                     "xl_cfg": g["xl_cfg"]} for g in guests or []],
+        **(driver or {}),
     }
 
 
@@ -225,6 +230,13 @@ def save(vm: qemu.Vm, state: State, slots: list[Slot], work: Path, *, inputs: di
         wait_until(done, Deadline(timeout), stage="boot:save", what="the L1 state to be written", interval=0.1)
     finally:
         vm.qmp("cont")
+    seal(state, slots, inputs=inputs)
+    return time.monotonic() - t
+
+
+def seal(state: State, slots: list[Slot], *, inputs: dict) -> None:
+    """The state saved, whatever the driver: its files read-only and root's, and
+    meta.json, which makes it a state `promote` may keep."""
     for s in slots:
         state.disk(s).chmod(0o400)
     if state.boot_disk.exists():
@@ -235,7 +247,6 @@ def save(vm: qemu.Vm, state: State, slots: list[Slot], work: Path, *, inputs: di
         "key": state.key, "created": time.time(), "inputs": inputs,
         "slots": [dataclasses.asdict(s) | {"base": str(s.base) if s.base else None} for s in slots],
     }, indent=1, default=str))
-    return time.monotonic() - t
 
 
 def promote(state: State, verdict: str) -> State | None:
@@ -278,6 +289,7 @@ def list_states() -> list[dict]:
         meta = json.loads((d / "meta.json").read_text())
         size = sum(f.stat().st_blocks * 512 for f in d.iterdir())
         out.append({"key": d.name, "dir": str(d), "bytes": size, "created": meta.get("created"),
+                    "driver": meta.get("inputs", {}).get("driver", "qemu"),
                     "xen_cmdline": (meta.get("inputs", {}).get("argv") or [])})
     return out
 

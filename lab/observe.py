@@ -136,7 +136,7 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
     if sc.faults:
         vm = l1.vm
         injector = Injector(sc.faults, dom0=l1.dom0, backing=lambda g, d: by_name[g].backings[d], scripts=l1.ops,
-                            pause_l1=lambda: _qmp(vm, "stop"), resume_l1=lambda: _qmp(vm, "cont"), t0=t0,
+                            pause_l1=vm.pause, resume_l1=vm.resume, t0=t0,
                             lifecycle=life)
         stack.callback(injector.release_all)
         injector.start()
@@ -215,10 +215,6 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
                    records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, destroyed, t0)
 
 
-def _qmp(vm: Any, cmd: str) -> None:
-    vm.qmp(cmd)
-
-
 def _streamer(runner: Any, argv: list[str]) -> Callable[[], Iterable[str]]:
     return lambda: runner.stream(argv, timeout=LONG)
 
@@ -268,7 +264,7 @@ def _snapshot(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, jobs: Seque
         stage="drain" if final else "workload", now=now, tracks=tracks,
         workloads=[_workload_obs(j, (results or {}).get(j.index)) for j in jobs],
         consoles=found, samplers=[decide.SamplerObs(**vars(sampling.state(s))) for s in samplers],
-        vm_alive=l1.vm.alive(), vm_rc=l1.vm.proc.returncode, dom0_probe_ok=watch.probe_ok,
+        vm_alive=l1.vm.alive(), vm_rc=l1.vm.returncode, dom0_probe_ok=watch.probe_ok,
         console_silent_s=now - watch.console_moved_t, findings=rules.findings,
         faults=[_fault_obs(r) for r in (injector.records if injector else [])],
         workload_deadline_passed=end_by.expired(), t_end=t_end, gone=tuple(sorted(watch.gone)),

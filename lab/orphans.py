@@ -3,8 +3,9 @@ QEMU, and the sweep of runs whose lab died (SIGKILL, power cut).
 
 A pid alone proves nothing (pids are reused). A process is a run's QEMU only if
 it is qemu-system-x86_64 and its command line names files inside that run's work
-directory; the lab never signals anything else. `lab down` and `lab ssh` use the
-same proof (lab/cli.py)."""
+directory (whichever L0 driver started it: libvirt's QEMU names the run's
+overlays in its -blockdev JSON); the lab never signals anything else. `lab down`
+and `lab ssh` use the same proof (lab/cli.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def lab_qemu_problem(pid: int, works: list[str], *, qemu_name: str = QEMU) -> st
     shown = shown if len(shown) <= 120 else shown[:117] + "..."
     if not argv or Path(argv[0]).name != qemu_name:
         return f"process {pid} is not {qemu_name} (its command line: {shown!r})"
-    if not any(a.startswith(f"{w}/") or f"={w}/" in a or f":{w}/" in a for a in argv for w in works):
+    # the qemu driver's `-drive file=W/...`, `-serial file:W/...`; libvirt's JSON
+    # `-blockdev {"filename":"W/..."}` (the libvirt driver's QEMU, lab/l0.py)
+    if not any(a.startswith(f"{w}/") or f"={w}/" in a or f":{w}/" in a or f'"{w}/' in a
+               for a in argv for w in works):
         return f"process {pid} is a QEMU that uses no file of {works[0]} (another lab's, or not a lab's)"
     return None
 

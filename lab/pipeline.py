@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab import console, decide, evidence, guests, images, l1state, observe, report, scenario, teardown
+from lab import console, decide, evidence, guests, images, l0, l1state, observe, report, scenario, teardown
 from lab.boot import L1, Where, save_state, up
 from lab.errors import Interrupted, LabError
 from lab.platform import BackendCtx, Media
@@ -48,6 +48,8 @@ class Options:
     results_dir: Path | None = None  # an exact directory (bisect steps) instead of results/<name>/<stamp>
     on_workload_started: Callable[[observe.Started], None] | None = None
     progress: Progress | None = None  # the status line on a terminal (lab/progress.py)
+    driver: str | None = None  # the L0 driver (lab/l0.py): overrides the scenario's [lab] driver
+    libvirt_uri: str | None = None  # the libvirt driver's daemon (default qemu:///system)
 
 
 def runs_dir() -> Path:
@@ -108,6 +110,8 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                            "started_utc": report.utc_stamp(), "host": report.host_facts()}
     (results / "scenario.toml").write_text(scenario.to_toml(sc))
     cmdlog = CommandLog(results / "commands.log")
+    driver = l0.driver(opts.driver or sc.lab.driver, uri=opts.libvirt_uri)
+    rec["l0"] = driver.record
     runs_dir().mkdir(parents=True, exist_ok=True)
     rec["swept"] = clean_stale_runs()
     work = Path(tempfile.mkdtemp(prefix=f"run-{report.utc_stamp()}-", dir=runs_dir()))
@@ -129,6 +133,9 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
 
             write_owner(where, qemu_pid=None)
             try:
+                progress[0] = "boot:l0"
+                # libvirt: its daemons up, dead labs' domains destroyed (qemu: nothing)
+                rec["swept"].update(driver.prepare())
                 progress[0] = "image"
                 with phases("images"):
                     media = platform.media(sc, l0=where.l0, results=results, work=work,
@@ -141,8 +148,8 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 rec["deadline_s"] = round(run_dl.seconds)
                 t_boot = time.monotonic()
                 with phases("boot"):
-                    l1 = up(sc, platform, media, where, infra, cold=opts.cold, progress=progress, deadline=run_dl,
-                            guests=guests.state_inputs(sc, media))
+                    l1 = up(sc, platform, media, where, infra, driver=driver, cold=opts.cold, progress=progress,
+                            deadline=run_dl, guests=guests.state_inputs(sc, media))
                 rec.update(l1=l1.record, boot=l1.boot,
                            qemu={"pid": l1.vm.pid, "version": _qemu_version(), "ssh_port": l1.spec.ssh_port})
                 rec["host"]["qemu"] = rec["qemu"]["version"]
@@ -154,7 +161,10 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                     infra.callback(g.runner.close)
                 if l1.pending_state is not None:
                     with phases("save"):
-                        save_state(l1, where, progress)
+                        if save_state(l1, where, infra, progress, deadline=run_dl):
+                            # L1 went on in a new QEMU (libvirt): the guests' sessions died with the old one
+                            guests.reconnect(sc, started, deadline=run_dl)
+                            rec["qemu"].update(pid=l1.vm.pid, ssh_port=l1.spec.ssh_port)
                 progress[0] = "backend"
                 with phases("backend"):
                     dom0 = l1.dom0
@@ -381,6 +391,7 @@ def _leave_running(rec: dict[str, Any], l1: L1, where: Where, started: list[gues
         "qemu_pid": l1.vm.pid, "ssh_port": l1.spec.ssh_port, "work": str(where.work),
         "socket_dirs": [str(d) for d in l1.socket_dirs], "keys": str(images.ensure_keys().dir),
         "guests": {g.cfg.name: g.ip for g in started},
+        **l1.driver.keep(l1.vm),  # libvirt: the domain, marked so that no sweep ends it
     }
     (where.results / "lab.json").write_text(json.dumps(info, indent=1) + "\n")
     write_owner(where, qemu_pid=l1.vm.pid)

@@ -230,6 +230,10 @@ class Vm:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -255,6 +259,13 @@ class Vm:
             return str(st.get("status")) if isinstance(st, dict) else str(st)
         except (OSError, RuntimeError, ConnectionError) as e:
             return f"unknown ({e})"
+
+    def pause(self) -> None:
+        """Freeze the whole VM (the `pause-l1` fault): QMP `stop`."""
+        self.qmp("stop")
+
+    def resume(self) -> None:
+        self.qmp("cont")
 
     def stop(self, timeout: float = 10) -> None:
         if self.proc.poll() is None:

@@ -100,7 +100,9 @@ def write_record(path: Path, record: dict) -> None:
 
 def summary_lines(rec: dict) -> list[str]:
     """The few lines a developer reads first."""
-    out = [f"{rec['verdict']}  {rec['scenario']}  ({rec.get('wall_s', 0):.0f}s, accel {rec.get('accel', '?')})"]
+    l0 = rec.get("l0") or {}
+    via = f", libvirt domain {(l0.get('domain') or {}).get('name', '?')}" if l0.get("driver") == "libvirt" else ""
+    out = [f"{rec['verdict']}  {rec['scenario']}  ({rec.get('wall_s', 0):.0f}s, accel {rec.get('accel', '?')}{via})"]
     if rec["verdict"] == "ERROR":
         out.append(f"  stage {rec.get('stage')}: {rec.get('error', '')}")
     elif rec.get("summary"):

@@ -40,6 +40,9 @@ class LabCfg:
     # "" picks per accelerator: qemu64,+svm,+npt under TCG (the only model whose PV
     # dom0 was stable there, facts/xen-under-qemu.md), host under KVM.
     cpu_model: str = ""
+    # what runs the Xen VM on L0 (lab/l0.py): QEMU as the lab's child, or a
+    # transient libvirt domain from the same VM description
+    driver: Literal["qemu", "libvirt"] = "qemu"
 
 
 @dataclass(frozen=True)

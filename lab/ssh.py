@@ -80,6 +80,16 @@ class SshRunner:
                 time.sleep(min(1.0, deadline.remaining()))
         raise LabError(stage, f"{self.name}: no SSH login within {deadline.seconds:.0f}s (last error: {last})")
 
+    def reconnect(self, deadline: Deadline, *, stage: str,
+                  connect: Callable[[float], socket.socket | paramiko.Channel] | None = None) -> float:
+        """A new session to a machine whose TCP state is gone (L1 went on in a new
+        QEMU process: the libvirt driver's save and restore), through `connect`
+        if its address changed. As `connect`, retrying until `deadline`."""
+        if connect is not None:
+            self._connect_sock = connect
+        self.close()
+        return self.connect(deadline, stage=stage)
+
     def _open(self, timeout: float) -> None:
         sock = self._connect_sock(timeout)
         t = paramiko.Transport(sock)

@@ -8,7 +8,7 @@ kvm=()
 if [ -e /dev/kvm ]; then kvm=(--device /dev/kvm); fi
 exec docker run --rm --privileged "${kvm[@]}" \
   -v "$PWD:/src" -w /src \
-  -e CI=true -e LAB_CACHE=/src/.cache/xen-blklab -e PRESET -e EXPECT \
+  -e CI=true -e LAB_CACHE=/src/.cache/xen-blklab -e PRESET -e EXPECT -e DRIVER \
   debian:12 bash -euo pipefail -c '
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends make python3 python3-venv git ca-certificates

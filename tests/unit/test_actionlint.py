@@ -42,3 +42,23 @@ def test_every_preset_is_in_the_nightly_matrix() -> None:
     matrix = set(re.findall(r"^\s*- \{ preset: ([a-z0-9.-]+), expect: [A-Z]+ \}$", text, re.M))
     assert set(scenario.presets()) - matrix == set()
     assert matrix - set(scenario.presets()) == set(), "a matrix row names no preset"
+
+
+def test_every_preset_runs_through_libvirt_nightly_or_in_the_e2e_tier() -> None:
+    """The libvirt driver shall see every preset too: a nightly row with `driver:
+    libvirt`, each expecting what the qemu row expects, or a run through libvirt
+    in tests/e2e/test_libvirt.py (default and stall)."""
+    import re
+
+    from lab import scenario
+
+    text = (ROOT / ".github" / "workflows" / "nightly.yml").read_text()
+    qemu = dict(re.findall(r"^\s*- \{ preset: ([a-z0-9.-]+), expect: ([A-Z]+) \}$", text, re.M))
+    libvirt = dict(re.findall(r"^\s*- \{ preset: ([a-z0-9.-]+), expect: ([A-Z]+), driver: libvirt \}$", text, re.M))
+    e2e = set(re.findall(r'_through_libvirt\("([a-z0-9.-]+)"\)',
+                         (ROOT / "tests" / "e2e" / "test_libvirt.py").read_text()))
+    assert e2e == {"default", "stall"}
+    assert set(scenario.presets()) - set(libvirt) - e2e == set()
+    assert set(libvirt) - set(scenario.presets()) == set(), "a libvirt row names no preset"
+    assert {p: e for p, e in libvirt.items() if qemu.get(p) != e} == {}, "a preset expects another verdict via libvirt"
+    assert "--driver \"$DRIVER\"" in text and "DRIVER: ${{ matrix.driver || 'qemu' }}" in text
