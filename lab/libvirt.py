@@ -236,11 +236,7 @@ class LibvirtVm:
 
     def status(self) -> str:
         """QEMU's run state, for evidence only: the hang decision never reads it."""
-        try:
-            st = self.qmp("query-status")
-            return str(st.get("status")) if isinstance(st, dict) else str(st)
-        except (OSError, RuntimeError, ConnectionError) as e:
-            return f"unknown ({e})"
+        return qemu.run_state(self.qmp)
 
     def pause(self) -> None:
         """Freeze the whole VM (the `pause-l1` fault) through libvirt

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,15 @@ class Qmp:
         self.sock.close()
 
 
+def run_state(qmp: Callable[[str], object]) -> str:
+    """A VM's run state through its QMP (either driver's), for evidence only."""
+    try:
+        st = qmp("query-status")
+        return str(st.get("status")) if isinstance(st, dict) else str(st)
+    except (OSError, RuntimeError, ConnectionError) as e:
+        return f"unknown ({e})"
+
+
 class Vm:
     """A running QEMU. `stop()` kills its whole process group; safe to call twice."""
 
@@ -254,11 +264,7 @@ class Vm:
 
     def status(self) -> str:
         """QEMU's run state, for evidence only: the hang decision never reads it."""
-        try:
-            st = self.qmp("query-status")
-            return str(st.get("status")) if isinstance(st, dict) else str(st)
-        except (OSError, RuntimeError, ConnectionError) as e:
-            return f"unknown ({e})"
+        return run_state(self.qmp)
 
     def pause(self) -> None:
         """Freeze the whole VM (the `pause-l1` fault): QMP `stop`."""
