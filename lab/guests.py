@@ -143,6 +143,7 @@ def adopt(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: 
     failure (ERROR), and the caller drops the state."""
     progress[0] = "guest:restore"
     dl = sc.deadlines
+    cfgs = xl_configs(sc, run_id="(saved with L1)")  # what the state's key says they were created with
     guests = []
     for g in sc.guests:
         # one round trip: its domain id, then any vbd node dom0 holds for it
@@ -163,7 +164,7 @@ def adopt(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: 
         gp = guest_platform(g.os)
         runner.run(gp.set_clock_argv(int(time.time())), timeout=dl.command).check("guest:restore")
         phases[f"guest_ssh_{g.name}"] = round(time.monotonic() - t, 2)
-        (where.results / f"xl-{g.name}.cfg").write_text(xl_configs(sc, run_id="(saved with L1)")[g.name])
+        (where.results / f"xl-{g.name}.cfg").write_text(cfgs[g.name])
         guests.append(Guest(g, guest_ip(sc, g.name), domid, runner, gp, from_state=True))
     return guests
 

@@ -345,13 +345,7 @@ def _adopt(spec: qemu.VmSpec, xml: str, conn: Any, create: Callable[[], Any], *,
             if owner is not None:
                 owner.callback(vm.stop)
         # QEMU fails at once on a bad passthrough argument or a taken port; say so now
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and vm.alive():
-            time.sleep(0.1)
-        if not vm.alive():
-            tail = vm.stderr_tail()
-            vm.stop()
-            raise LabError(stage, f"domain {name} ended at once", tail=tail)
+        qemu.check_started(vm, stage, lambda: f"domain {name} ended at once")
         return vm
     except BaseException:
         if vm is not None:

@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import stat as statmod
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -71,26 +70,26 @@ def run_paths(uri: str, name: str) -> tuple[Path, Path]:
     return RUN / "qemu" / f"{name}.pid", Path("/var/log/libvirt/qemu") / f"{name}.log"
 
 
-def qemu_user(conf: Path = QEMU_CONF) -> str:
-    """The user libvirt runs QEMU as (qemu.conf `user = "..."`; Debian's default)."""
+def _conf_value(conf: Path, key: str, default: str) -> str:
+    """A `key = "value"` setting of libvirt's qemu.conf, or libvirt's default."""
     try:
         text = conf.read_text()
     except OSError:
         text = ""
-    m = re.search(r'^\s*user\s*=\s*"([^"]+)"', text, re.M)
-    return m.group(1) if m else "libvirt-qemu"
+    m = re.search(rf'^\s*{key}\s*=\s*"([^"]+)"', text, re.M)
+    return m.group(1) if m else default
+
+
+def qemu_user(conf: Path = QEMU_CONF) -> str:
+    """The user libvirt runs QEMU as (qemu.conf `user = "..."`; Debian's default)."""
+    return _conf_value(conf, "user", "libvirt-qemu")
 
 
 def stdio_handler(conf: Path = QEMU_CONF) -> str:
     """Who opens QEMU's log and file-backed serial ports (qemu.conf
     `stdio_handler`): "logd" (virtlogd, as root: libvirt's default) or "file"
     (QEMU itself, as its user)."""
-    try:
-        text = conf.read_text()
-    except OSError:
-        text = ""
-    m = re.search(r'^\s*stdio_handler\s*=\s*"([^"]+)"', text, re.M)
-    return m.group(1) if m else "logd"
+    return _conf_value(conf, "stdio_handler", "logd")
 
 
 # ------------------------------------------------------------ access checks (pure with a stat)
@@ -175,14 +174,8 @@ def readable_by(path: Path, *, user: str, stat: Callable[[Path], os.stat_result]
 def backing_chain(path: Path) -> list[Path]:
     """The layers under image `path`, top first (qemu-img's JSON: structured
     output, never its human text). -U: a running QEMU may hold the image."""
-    argv = ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)]
-    try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LabError("boot:libvirt", f"`{' '.join(argv)}` failed: {e}") from None
-    if res.returncode != 0:
-        raise LabError("boot:libvirt", f"`{' '.join(argv)}` exited {res.returncode}: {res.stderr.strip()[-500:]}")
-    infos = json.loads(res.stdout)
+    infos = json.loads(qemu.qemu_img(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)],
+                                      stage="boot:libvirt", timeout=30))
     return [Path(i["filename"]) for i in (infos if isinstance(infos, list) else [infos])[1:]]
 
 

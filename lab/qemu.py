@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from lab.errors import LabError
 from lab.runner import die_with_parent, kill_group, signals_held
@@ -144,23 +145,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _qemu_img(argv: list[str]) -> None:
-    """qemu-img, whose failure is the lab's (ERROR at boot:qemu), never an exception
-    of another kind that could be read as a verdict."""
+def qemu_img(argv: list[str], *, stage: str = "boot:qemu", timeout: float = 60) -> str:
+    """qemu-img, whose failure is the lab's (ERROR at `stage`), never an exception
+    of another kind that could be read as a verdict. Returns its stdout."""
     try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise LabError("boot:qemu", f"`{' '.join(argv)}` failed: {e}") from None
+        raise LabError(stage, f"`{' '.join(argv)}` failed: {e}") from None
     if res.returncode != 0:
-        raise LabError("boot:qemu", f"`{' '.join(argv)}` exited {res.returncode}: {res.stderr.strip()[-500:]}")
+        raise LabError(stage, f"`{' '.join(argv)}` exited {res.returncode}: {res.stderr.strip()[-500:]}")
+    return res.stdout
 
 
 def create_overlay(base: Path, overlay: Path, *, base_fmt: str = "raw") -> None:
-    _qemu_img(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_fmt, "-b", str(base), str(overlay)])
+    qemu_img(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_fmt, "-b", str(base), str(overlay)])
 
 
 def create_disk(path: Path, size: int) -> None:
-    _qemu_img(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)])
+    qemu_img(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)])
 
 
 def qemu_version() -> str:
@@ -285,6 +287,24 @@ class Vm:
             self.spec.qmp_sock.unlink(missing_ok=True)
 
 
+class _Started(Protocol):
+    def alive(self) -> bool: ...
+    def stderr_tail(self, n: int = 20) -> str: ...
+    def stop(self, timeout: float = 10) -> None: ...
+
+
+def check_started(vm: _Started, stage: str, why: Callable[[], str], *, seconds: float = 0.5) -> None:
+    """A VM just started (either driver's) that is gone within `seconds` failed at
+    once (a bad argument, a taken port): stop it and raise with its stderr's tail."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and vm.alive():
+        time.sleep(0.1)
+    if not vm.alive():
+        tail = vm.stderr_tail()
+        vm.stop()
+        raise LabError(stage, why(), tail=tail)
+
+
 def start(spec: VmSpec, stderr_path: Path, *, owner: ExitStack | None = None, die_with_lab: bool = True) -> Vm:
     """Start QEMU and check it did not exit at once. There is no moment in which a
     started QEMU is nobody's: a signal that arrives while Popen returns is held
@@ -298,13 +318,8 @@ def start(spec: VmSpec, stderr_path: Path, *, owner: ExitStack | None = None, di
             if owner is not None:
                 owner.callback(vm.stop)
         # QEMU fails at once on a bad argument or a taken port; say so now.
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and vm.alive():
-            time.sleep(0.1)
-        if not vm.alive():
-            tail = vm.stderr_tail()
-            vm.stop()
-            raise LabError("boot:qemu", f"QEMU exited at once (rc {vm.proc.returncode})", tail=tail)
+        proc = vm.proc
+        check_started(vm, "boot:qemu", lambda: f"QEMU exited at once (rc {proc.returncode})")
         return vm
     except BaseException:
         if vm is not None:
