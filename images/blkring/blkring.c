@@ -381,6 +381,39 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The pass clock. In a 64-bit PV guest every system call bounces through Xen,
+ * and clock_gettime is likely not served by the vDSO there (nested, under TCG
+ * even more so): a clock read per request would be a good part of what a
+ * request costs the frontend, whose CPU dom0's blkback shares. So the I/O
+ * loops read the clock once per pass (a reap of the responses waiting and the
+ * requests that replace them, see run_base()) and stamp every submit and
+ * completion of that pass with it, as well as the pass's tick() and deadline
+ * check. A request's latency is then the time from the start of the pass it
+ * went out in to the start of the pass its response was reaped in: its
+ * granularity is one pass (a batch), and it may read high by up to one pass's
+ * work. Its per-second bucket (series) is its pass's second. Outside a pass
+ * (connect, the probes, the hostile cases) a stamp reads the clock, and a
+ * reap() with responses opens a pass of its own. */
+static bool pass_open;
+static uint64_t pass_t;
+
+static uint64_t pass_begin(void)
+{
+	pass_open = true;
+	return pass_t = now_ns();
+}
+
+static void pass_end(void)
+{
+	pass_open = false;
+}
+
+/* the time of a submit or a completion: the pass's, or the clock's outside one */
+static uint64_t stamp(void)
+{
+	return pass_open ? pass_t : now_ns();
+}
+
 static uint64_t rnd(void)
 { /* xorshift64*: the choice of sectors and ops, not security */
 	rng_state ^= rng_state >> 12;
@@ -688,22 +721,27 @@ static grant_ref_t slot_gref(unsigned si, unsigned seg)
 /* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY (ring.h), on every queue with new
  * requests: the requests are written before req_prod moves (release), and
  * req_event is read only after req_prod is visible (a full barrier: a store
- * then a load). `force`: notify anyway, the aggressive frontend's habit. */
+ * then a load). `force`: notify anyway, the aggressive frontend's habit.
+ * push_queue(): queue q only. */
+static void push_queue(unsigned q, bool force)
+{
+	struct queue *Q = &C.q[q];
+	RING_IDX old = __atomic_load_n(&Q->sring->req_prod, __ATOMIC_RELAXED);
+	RING_IDX new = Q->req_prod_pvt;
+	if (new == old)
+		return;
+	__atomic_store_n(&Q->sring->req_prod, new, __ATOMIC_RELEASE);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	RING_IDX ev = __atomic_load_n(&Q->sring->req_event, __ATOMIC_RELAXED);
+	bool needed = (RING_IDX)(new - ev) < (RING_IDX)(new - old);
+	if (force || needed)
+		notify(q);
+}
+
 static void push(bool force)
 {
-	for (unsigned q = 0; q < C.nq; q++) {
-		struct queue *Q = &C.q[q];
-		RING_IDX old = __atomic_load_n(&Q->sring->req_prod, __ATOMIC_RELAXED);
-		RING_IDX new = Q->req_prod_pvt;
-		if (new == old)
-			continue;
-		__atomic_store_n(&Q->sring->req_prod, new, __ATOMIC_RELEASE);
-		__atomic_thread_fence(__ATOMIC_SEQ_CST);
-		RING_IDX ev = __atomic_load_n(&Q->sring->req_event, __ATOMIC_RELAXED);
-		bool needed = (RING_IDX)(new - ev) < (RING_IDX)(new - old);
-		if (force || needed)
-			notify(q);
-	}
+	for (unsigned q = 0; q < C.nq; q++)
+		push_queue(q, force);
 }
 
 static void mark_submitted(unsigned si, uint8_t op, uint64_t sector, uint32_t nsect, uint8_t kind)
@@ -718,7 +756,7 @@ static void mark_submitted(unsigned si, uint8_t op, uint64_t sector, uint32_t ns
 	s->op = op;
 	s->sector = sector;
 	s->nsect = nsect;
-	s->t0 = now_ns();
+	s->t0 = stamp(); /* the pass's time (see pass_begin()) */
 	C.q[q].req_prod_pvt++;
 	C.q[q].inflight++;
 	C.inflight++;
@@ -836,10 +874,9 @@ static void peak_inflight(uint64_t t)
 
 /* Called often: the series reaches the current second (a second without a
  * call had the count in flight now), and every 200 ms the stat file is
- * rewritten. */
-static void tick(void)
+ * rewritten. tick_at(): at time t, a pass's (no clock read of its own). */
+static void tick_at(uint64_t t)
 {
-	uint64_t t = now_ns();
 	size_t i = series_index(t);
 	for (size_t k = ST.series_len; k < i; k++)
 		if (C.inflight > ST.series_inflight[k])
@@ -851,6 +888,11 @@ static void tick(void)
 		write_stat();
 		next_stat = t + 200000000ull;
 	}
+}
+
+static void tick(void)
+{
+	tick_at(now_ns());
 }
 
 /* The lab's guest sampler reads this (lab/ringfront.py parse_stat): one line
@@ -985,7 +1027,7 @@ static void next_request(unsigned si)
 static bool complete(unsigned si, int16_t status)
 {
 	struct slot *s = &S[si];
-	uint64_t t = now_ns();
+	uint64_t t = stamp(); /* the pass's time: the latency's granularity is one pass */
 	unsigned q = queue_of(si);
 	bool last = s->extra == 0;
 	if (last) {
@@ -1042,7 +1084,7 @@ static bool complete(unsigned si, int16_t status)
 	}
 	if (s->kind != K_NORMAL)
 		return last;
-	uint64_t us = (t - s->t0) / 1000;
+	uint64_t us = t > s->t0 ? (t - s->t0) / 1000 : 0;
 	ST.hist[hist_bucket(us)]++;
 	ST.lat_n++;
 	ST.lat_sum_us += us;
@@ -1073,10 +1115,13 @@ static bool complete(unsigned si, int16_t status)
 /* RING_FOR_EACH response, on every queue: rsp_prod is read with acquire so
  * the responses are read after it. A backend that produces more responses than
  * there are requests, or answers an id no request of that queue had, is
- * broken: counted and named. `then` gets each slot a response freed. */
+ * broken: counted and named. `then` gets each slot a response freed. Every
+ * response of one call is stamped with one clock read: the caller's pass, or
+ * one opened here at the first response (none read when there is none). */
 static unsigned reap(void (*then)(unsigned si))
 {
 	unsigned n = 0;
+	bool own = false;
 	for (unsigned q = 0; q < C.nq; q++) {
 		struct queue *Q = &C.q[q];
 		RING_IDX rp = __atomic_load_n(&Q->sring->rsp_prod, __ATOMIC_ACQUIRE);
@@ -1085,6 +1130,10 @@ static unsigned reap(void (*then)(unsigned si))
 			ST.bogus_responses++;
 			fatal("io", "queue %u: the backend's rsp_prod %u is %u past our rsp_cons %u with only %u requests "
 			      "on the ring", q, rp, (unsigned)(rp - Q->rsp_cons), Q->rsp_cons, outstanding);
+		}
+		if (Q->rsp_cons != rp && !pass_open) {
+			pass_begin();
+			own = true;
 		}
 		while (Q->rsp_cons != rp) {
 			struct blkif_response rsp;
@@ -1101,6 +1150,8 @@ static unsigned reap(void (*then)(unsigned si))
 				then((unsigned)rsp.id);
 		}
 	}
+	if (own)
+		pass_end();
 	return n;
 }
 
@@ -1142,11 +1193,13 @@ static bool wait_answered(int si, double seconds, void (*then)(unsigned))
 {
 	uint64_t end = now_ns() + (uint64_t)(seconds * 1e9);
 	for (;;) {
+		uint64_t t = pass_begin(); /* one clock read a pass: stamps, tick and deadline */
 		reap(then);
-		tick();
+		tick_at(t);
+		pass_end();
 		if (si >= 0 ? S[si].answered : C.inflight == 0)
 			return true;
-		if (now_ns() >= end)
+		if (t >= end)
 			return false;
 		wait_responses(50);
 	}
@@ -1652,6 +1705,10 @@ static bool reopen(unsigned order, char *why, size_t cap)
 /* ------------------------------------------------------------------ behaviours */
 static bool ending; /* past the deadline: responses are not answered with new requests */
 
+/* A response freed slot si: its next request at once, pushed (the aggressive
+ * frontend's notify on every push with notify=always). Only si's queue can
+ * hold requests not yet pushed: every request of this behaviour is pushed as
+ * it is queued. */
 static void requeue(unsigned si)
 {
 	if (ending || stop_requested) {
@@ -1659,7 +1716,7 @@ static void requeue(unsigned si)
 		return;
 	}
 	next_request(si);
-	push(O.notify_always);
+	push_queue(queue_of(si), O.notify_always);
 }
 
 static void to_freelist(unsigned si)
@@ -1667,33 +1724,64 @@ static void to_freelist(unsigned si)
 	freelist[nfree++] = si;
 }
 
+/* The rest of a pass opened at t (pass_begin(): one clock read for every
+ * stamp of the pass, its tick and the caller's deadline): the responses
+ * waiting, `then` for each slot freed, the tick. Returns the responses. */
+static unsigned reap_pass(void (*then)(unsigned si), uint64_t t)
+{
+	unsigned n = reap(then);
+	tick_at(t);
+	pass_end();
+	return n;
+}
+
+/* After a pass: sleep unless more responses are already waiting (then the
+ * next pass at once). A pass that reaped none always sleeps. This is what the
+ * loops did with a pass more, without that pass's clock read: after a pass
+ * that reaped some, an empty pass then the sleep (which asks for an event,
+ * rsp_event, only when it finds nothing waiting, as before). */
+static void wait_after(unsigned n)
+{
+	if (n && responses_waiting())
+		return;
+	wait_responses(50);
+}
+
 static void run_base(uint64_t end)
 {
 	ending = false;
+	uint64_t t;
 	if (O.behaviour == B_AGGRESSIVE) {
 		/* fill the ring one request at a time, each pushed and notified */
+		pass_begin();
 		while (nfree && !stop_requested) {
 			next_request(pop_free());
 			push(O.notify_always);
 		}
-		while (!stop_requested && now_ns() < end) {
-			unsigned n = reap(requeue);
-			tick();
-			if (!n)
-				wait_responses(50);
+		pass_end();
+		/* then each response answered by a request, pushed and notified
+		 * (requeue()); the deadline is checked before each pass, so no
+		 * request goes out after it */
+		while (!stop_requested && (t = pass_begin()) < end) {
+			unsigned n = reap_pass(requeue, t);
+			if (!stop_requested)
+				wait_after(n);
 		}
+		pass_end();
 	} else {
-		while (!stop_requested && now_ns() < end) {
+		const uint64_t limit = end + (uint64_t)(O.drain_timeout * 1e9);
+		while (!stop_requested && (t = pass_begin()) < end) {
 			while (nfree)
 				next_request(pop_free());
+			pass_end();
 			push(O.notify_always);
 			while (C.inflight && !stop_requested) {
-				unsigned n = reap(to_freelist);
-				tick();
-				if (!n)
-					wait_responses(50);
-				if (now_ns() > end + (uint64_t)(O.drain_timeout * 1e9))
+				t = pass_begin();
+				unsigned n = reap_pass(to_freelist, t);
+				if (t > limit)
 					break;
+				if (C.inflight && !stop_requested)
+					wait_after(n);
 			}
 			if (O.burst_gap > 0) {
 				uint64_t until = now_ns() + (uint64_t)(O.burst_gap * 1e9);
@@ -1703,6 +1791,7 @@ static void run_base(uint64_t end)
 				}
 			}
 		}
+		pass_end();
 	}
 	ending = true;
 }
