@@ -54,6 +54,7 @@ class Guest:
     vbds: dict[str, VbdInfo] = field(default_factory=dict)
     from_state: bool = False  # up in a restored L1 (warm start), not booted by this run
     blkfront: dict[str, str] = field(default_factory=dict)  # blkfront's parameters as loaded for the test disks
+    frontend_loaded: bool = False  # load_frontend ran (this run's blkfront, with the scenario's limits)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -180,12 +181,52 @@ def reconnect(sc: scenario.Scenario, guests: list[Guest], *, deadline: Deadline)
 
 
 def attach_all(sc: scenario.Scenario, l1: L1, guests: list[Guest], where: Where, *, progress: list[str],
-               deadline: Deadline) -> None:
-    """Fresh test disks for every guest, the backend under test already loaded."""
+               deadline: Deadline, prepared: dict[str, Backing] | None = None) -> None:
+    """Fresh test disks for every guest, the backend under test already loaded:
+    each guest's blkfront reloaded (unless load_frontends did it already), then
+    each disk's backing device made (unless `prepared` holds it, made after the
+    backend loaded: lab/pipeline.py overlaps that with the guests' steps),
+    attached and Connected."""
     progress[0] = "guest:attach"
     xl = Xl(l1.dom0, timeout=sc.deadlines.command)
     for gu in guests:
-        attach_disks(sc, l1, gu, xl, where, deadline)
+        if not gu.frontend_loaded:
+            load_frontend(sc, gu)
+        for d in gu.cfg.disks:
+            name = backing_name(gu.cfg.name, d.vdev)
+            gu.backings[d.vdev] = (prepared or {}).get(name) or l1.ops.backing_by_serial(name)
+            attach_one(sc, l1, gu, xl, where, d.vdev, deadline.slice(sc.deadlines.guest_create))
+
+
+def backing_name(guest: str, vdev: str) -> str:
+    """A test disk's name: QEMU's serial for it and the dm device dom0 makes on it."""
+    return f"lab-{guest}-{vdev}"
+
+
+def make_backings(sc: scenario.Scenario, l1: L1) -> dict[str, Backing]:
+    """Every test disk's backing device, by backing_name (dom0 only: no guest
+    is touched, so it may run beside the guests' own steps)."""
+    return {name: l1.ops.backing_by_serial(name)
+            for g in sc.guests for d in g.disks for name in [backing_name(g.name, d.vdev)]}
+
+
+def load_frontends(sc: scenario.Scenario, guests: list[Guest]) -> None:
+    for gu in guests:
+        load_frontend(sc, gu)
+
+
+def load_frontend(sc: scenario.Scenario, gu: Guest) -> None:
+    """Reload the guest's blkfront with the scenario's limits (no disk uses it
+    yet) and check it took them; one round trip."""
+    gp = gu.os
+    have = gp.parse_blkfront_params(gu.runner.run(gp.frontend_argv(gu.cfg), timeout=sc.deadlines.command)
+                                    .check("guest:attach").stdout)
+    gu.blkfront = have
+    gu.frontend_loaded = True
+    wrong = {k: (v, have.get(k)) for k, v in gp.frontend_params(gu.cfg).items() if have.get(k) != v}
+    if wrong:
+        raise LabError("guest:attach", f"guest {gu.cfg.name}'s blkfront did not take the scenario's limits "
+                       f"(wanted, loaded): {wrong}")
 
 
 def _connect(sc: scenario.Scenario, l1: L1, media: Media, where: Where, g: scenario.GuestCfg,
@@ -226,26 +267,6 @@ def _every(seconds: float, fn: Any) -> Any:
             fn()
 
     return call
-
-
-def attach_disks(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, deadline: Deadline) -> None:
-    """Load the frontend with the scenario's limits, then create and attach each
-    test disk and wait until both ends say Connected."""
-    dl = sc.deadlines
-    gp = gu.os
-    # one round trip: reload blkfront, then read back the limits it took
-    have = gp.parse_blkfront_params(gu.runner.run(gp.frontend_argv(gu.cfg), timeout=dl.command)
-                                    .check("guest:attach").stdout)
-    gu.blkfront = have
-    wrong = {k: (v, have.get(k)) for k, v in gp.frontend_params(gu.cfg).items() if have.get(k) != v}
-    if wrong:
-        raise LabError("guest:attach", f"guest {gu.cfg.name}'s blkfront did not take the scenario's limits "
-                       f"(wanted, loaded): {wrong}")
-    for d in gu.cfg.disks:
-        name = f"lab-{gu.cfg.name}-{d.vdev}"
-        lower = l1.ops.disk_by_serial(name)
-        gu.backings[d.vdev] = l1.ops.make_backing(name, lower)
-        attach_one(sc, l1, gu, xl, where, d.vdev, deadline.slice(sc.deadlines.guest_create))
 
 
 def attach_one(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, vdev: str,
@@ -353,8 +374,8 @@ def _block_attach(l1: L1, gu: Guest, xl: Xl, vdev: str, deadline: Deadline) -> N
 def _vbd_now(gu: Guest, xl: Xl, vdev: str) -> tuple[str, VbdInfo | None, str]:
     """Both xenstore trees as read now (kept as evidence), the disk's VbdInfo if
     it is there, and a line saying where it stands."""
-    be_raw = xl.xenstore_raw("/local/domain/0/backend")  # every kind: a qdisk would be seen too
-    fe_raw = xl.xenstore_raw(f"/local/domain/{gu.domid}/device/vbd")
+    # one round trip; the backend tree of every kind: a qdisk would be seen too
+    be_raw, fe_raw = xl.xenstore_trees("/local/domain/0/backend", f"/local/domain/{gu.domid}/device/vbd")
     try:
         info = vbd_info(gu.domid, vdev, parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw))
     except LabError as e:

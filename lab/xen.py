@@ -5,6 +5,7 @@ from xenstore."""
 from __future__ import annotations
 
 import re
+import shlex
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +236,19 @@ class Xl:
         res = self.dom0.run(["xenstore-ls", "-f", path], timeout=self.timeout)
         return res.stdout if res.ok else ""
 
-    def vbd_trees(self, domid: int) -> tuple[str, str]:
-        """`xenstore-ls -f` of the backend tree and of the guest's frontend vbds."""
-        return (self.xenstore_raw(f"/local/domain/0/backend/vbd/{domid}"),
-                self.xenstore_raw(f"/local/domain/{domid}/device/vbd"))
+    def xenstore_trees(self, *paths: str) -> list[str]:
+        """`xenstore-ls -f` of each path in one round trip (each costs 0.3-0.5 s
+        under TCG); a path that does not exist reads as "", as in xenstore_raw."""
+        script = f"; echo {_TREE_SPLIT}; ".join(f"xenstore-ls -f {shlex.quote(p)} 2>/dev/null" for p in paths)
+        res = self.dom0.run(["sh", "-c", script + "; true"], timeout=self.timeout)
+        return split_trees(res.stdout if res.ok else "", len(paths))
+
+
+_TREE_SPLIT = "@@lab-xenstore-tree@@"
+
+
+def split_trees(out: str, n: int) -> list[str]:
+    """xenstore_trees' output back into one text per path; a cut-short output
+    (the transport lost) gives "" for what is missing."""
+    parts = out.split(_TREE_SPLIT + "\n") if out else []
+    return (parts + [""] * n)[:n]

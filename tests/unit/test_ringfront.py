@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from lab import guests, images, ringfront, scenario
+from lab import guests, images, ringfront, scenario, xen
 from lab.errors import LabError, ScenarioError
 from lab.platform.linux import guest as linux_guest
 from lab.platform.linux.guest import LinuxGuest
@@ -245,10 +245,9 @@ class Scripted:
 def _xenstore(be_state: str, fe_state: str) -> list[tuple[str, Any]]:
     be = "/local/domain/0/backend/vbd/3/51728"
     fe = "/local/domain/3/device/vbd/51728"
-    return [
-        ("xenstore-ls -f /local/domain/0/backend", f'{be}/state = "{be_state}"\n{be}/type = "phy"\n'),
-        ("xenstore-ls -f /local/domain/3/device/vbd", f'{fe}/state = "{fe_state}"\n{fe}/backend = "{be}"\n'),
-    ]
+    # both trees come in one round trip (Xl.xenstore_trees), split by its marker
+    return [("xenstore-ls -f /local/domain/0/backend", f'{be}/state = "{be_state}"\n{be}/type = "phy"\n'
+             f'{xen._TREE_SPLIT}\n{fe}/state = "{fe_state}"\n{fe}/backend = "{be}"\n')]
 
 
 def _attach(tmp_path: Path, dom0: Scripted, guest: Scripted) -> tuple[Any, Any]:

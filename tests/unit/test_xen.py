@@ -3,6 +3,10 @@ real run), the xl.cfg template, and the xl calls over a fake runner."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 from labdata import DATA
 
@@ -194,9 +198,34 @@ def test_xl_create_failure_shall_raise_at_stage_guest_create() -> None:
     assert e.value.stage == "guest:create" and "libxl: error" in str(e.value)
 
 
-def test_xl_vbd_trees_shall_list_backend_and_frontend_and_tolerate_failure() -> None:
-    r = FakeRunner({"xenstore-ls": Result(("xenstore-ls",), 1, "partial", "no such node", 0.01)})
-    assert xen.Xl(r, timeout=10).vbd_trees(3) == ("", "")
-    assert r.calls == [["xenstore-ls", "-f", "/local/domain/0/backend/vbd/3"],
-                       ["xenstore-ls", "-f", "/local/domain/3/device/vbd"]]
+def test_xenstore_trees_shall_read_each_path_in_one_round_trip(tmp_path: Path) -> None:
+    """The composed script run by a real sh, with a stand-in xenstore-ls that
+    knows one path and fails (as the real one does) on the other."""
+    fake = tmp_path / "xenstore-ls"
+    fake.write_text('#!/bin/sh\ncase "$2" in /local/domain/0/backend) echo "$2/vbd/1/51728/state = \\"4\\"";; '
+                    '*) echo "xenstore-ls: could not access path" >&2; exit 1;; esac\n')
+    fake.chmod(0o755)
+
+    class Sh:
+        name = "dom0"
+        calls: list[list[str]] = []
+
+        def run(self, argv: list[str], *, timeout: float, input: str | None = None) -> Result:
+            self.calls.append(argv)
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+            return Result(tuple(argv), p.returncode, p.stdout, p.stderr, 0.01)
+
+    r = Sh()
+    be, fe, other = xen.Xl(r, timeout=10).xenstore_trees("/local/domain/0/backend", "/local/domain/3/device/vbd",
+                                                          "/local/domain/0/backend")
+    assert len(r.calls) == 1
+    assert be == other == '/local/domain/0/backend/vbd/1/51728/state = "4"\n'
+    assert fe == ""
+
+
+def test_split_trees_shall_give_empty_text_for_what_a_cut_output_lacks() -> None:
+    assert xen.split_trees("", 2) == ["", ""]
+    assert xen.split_trees("a = 1\n", 2) == ["a = 1\n", ""]
+
 
