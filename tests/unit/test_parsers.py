@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -396,3 +397,19 @@ def test_boot_files_under_a_path_with_a_space_shall_be_linked_from_one_without(t
 
             shutil.rmtree(d)
     assert space_free(*(tmp_path / n for n in ("a", "b", "c"))) is None
+
+
+def test_backing_by_serial_shall_find_the_disk_and_make_the_dm_device_in_one_round_trip() -> None:
+    r = FakeRunner("lower=/dev/vdc\nminor=7\n")
+    b = dom0.LinuxDom0(r, timeout=5).backing_by_serial("lab-lin1-xvdb")
+    assert b == platform.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-7")
+    (argv,) = r.calls
+    assert argv[:2] == ["sh", "-c"] and "dmsetup create --noudevsync lab-lin1-xvdb" in argv[2]
+    assert subprocess.run(["sh", "-n", "-c", argv[2]]).returncode == 0
+
+
+@pytest.mark.parametrize("out", ["", "lower=/dev/vdc\nminor=\n"])
+def test_backing_by_serial_that_made_nothing_shall_be_the_labs_failure(out: str) -> None:
+    with pytest.raises(LabError) as e:
+        dom0.LinuxDom0(FakeRunner(out), timeout=5).backing_by_serial("lab-lin1-xvdb")
+    assert e.value.stage == "guest:disk" and "lab-lin1-xvdb" in str(e.value)

@@ -46,6 +46,9 @@ class FreeBsdDom0(Dom0Base):
             raise LabError("guest:disk", f"dom0 has {len(names)} virtio disks with serial {serial!r}")
         return names[0]
 
+    def backing_by_serial(self, serial: str) -> Backing:
+        return self.make_backing(serial, self.disk_by_serial(serial))
+
     def make_backing(self, name: str, lower: str) -> Backing:
         """A transparent gnop provider, /dev/vtbdN.nop: delay and error faults are
         `gnop configure` on it while the guest runs."""
