@@ -14,6 +14,7 @@ read for crash signatures. What was seen goes to lab/decide.py's
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class Step:
     transport_error: str = ""
     detail: str = ""
     crash: ConsoleFinding | None = None  # a crash signature that appeared during this step
+    output: str = field(default="", repr=False, compare=False)  # stdout, for the checks folded into the step
 
 
 @dataclass
@@ -50,7 +52,8 @@ class Teardown:
 
     def as_record(self) -> dict[str, Any]:
         return {"skipped": self.skipped or None, "leftovers": self.leftovers,
-                "steps": [{k: v for k, v in asdict(s).items() if v not in (None, "", False) or k in ("ok",)}
+                "steps": [{k: v for k, v in asdict(s).items()
+                           if k != "output" and (v not in (None, "", False) or k in ("ok",))}
                           for s in self.steps]}
 
 
@@ -79,9 +82,9 @@ def run(sc: scenario.Scenario, l1: L1, guests: list[Guest], *, phases: dict[str,
 
     def step(name: str, kind: str, argv: list[str]) -> Step:
         t = time.monotonic()
-        res = dom0.run(argv, timeout=STEP_SECONDS)
+        res = dom0.run(argv, timeout=STEP_SECONDS + 2 * GONE_SECONDS)
         s = Step(name, kind, res.ok, round(time.monotonic() - t, 2), res.timed_out, res.transport_error,
-                 (res.stderr or res.stdout).strip()[-400:], crashes.new())
+                 (res.stderr or res.stdout).strip()[-400:], crashes.new(), output=res.stdout)
         td.steps.append(s)
         return s
 
@@ -94,23 +97,20 @@ def run(sc: scenario.Scenario, l1: L1, guests: list[Guest], *, phases: dict[str,
         g.runner.run(["sh", "-c", "pkill -x fio; true"], timeout=10)
     for g in guests:
         for vdev in g.vbds:
-            s = step(f"xl block-detach {g.cfg.name} {vdev}", "detach", ["xl", "block-detach", g.cfg.name, vdev])
+            node = f"/local/domain/0/backend/vbd/{g.domid}/{VDEV_DEVID[vdev]}"
+            s = step(f"xl block-detach {g.cfg.name} {vdev}", "detach", detach_argv(g.cfg.name, vdev, node))
             if stop():
                 return _done(td, phases, t0)
-            if s.ok:
-                node = f"/local/domain/0/backend/vbd/{g.domid}/{VDEV_DEVID[vdev]}"
-                if not _gone(dom0, ["xenstore-exists", node]):
-                    td.leftovers.append(f"{node} still in xenstore {GONE_SECONDS:.0f}s after "
-                                        f"`xl block-detach {g.cfg.name} {vdev}` returned")
+            if s.ok and f"{LEFT}node" in s.output.splitlines():
+                td.leftovers.append(f"{node} still in xenstore {GONE_SECONDS:.0f}s after "
+                                    f"`xl block-detach {g.cfg.name} {vdev}` returned")
     for g in guests:
         g.runner.close()  # its tunnel through dom0 dies with it
-        step(f"xl destroy {g.cfg.name}", "destroy", ["xl", "destroy", g.cfg.name])
+        s = step(f"xl destroy {g.cfg.name}", "destroy", destroy_argv(g.cfg.name, g.domid))
         if stop():
             return _done(td, phases, t0)
-        if not _gone(dom0, ["xl", "domid", g.cfg.name]):
-            td.leftovers.append(f"domain {g.domid} ({g.cfg.name}) still listed {GONE_SECONDS:.0f}s after "
-                                "`xl destroy`")
-    td.leftovers += _dying(dom0, [g.domid for g in guests])
+        if s.ok:
+            td.leftovers += destroy_leftovers(s.output, g.cfg.name, g.domid)
     td.leftovers += l1.ops.backend_leftovers([g.domid for g in guests],
                                              [b for g in guests for b in g.backings.values()])
     t = time.monotonic()
@@ -130,8 +130,49 @@ def _done(td: Teardown, phases: dict[str, float], t0: float) -> Teardown:
     return td
 
 
+# Each step's "is it gone yet" polls run in dom0 in the step's own round trip
+# (a round trip costs 0.2-0.6 s under TCG, and a teardown had eight of them);
+# what is still there after GONE_SECONDS is printed with LEFT in front.
+LEFT = "lab-left:"
+
+
+def _until_gone(test: str, what: str) -> str:
+    """sh: poll `test` (succeeds while the thing exists) every 0.5 s, at most
+    GONE_SECONDS; print LEFT`what` if it never went."""
+    tries = int(GONE_SECONDS / 0.5)
+    return (f"n=0; while {test}; do n=$((n+1)); [ $n -ge {tries} ] && {{ echo {LEFT}{what}; break; }}; "
+            "sleep 0.5; done")
+
+
+def detach_argv(guest: str, vdev: str, node: str) -> list[str]:
+    """`xl block-detach` (the step's rc is its rc), then its backend node gone."""
+    return ["sh", "-c", f"xl block-detach {shlex.quote(guest)} {shlex.quote(vdev)} || exit $?; "
+            + _until_gone(f"xenstore-exists {shlex.quote(node)} 2>/dev/null", "node")]
+
+
+def destroy_argv(guest: str, domid: int) -> list[str]:
+    """`xl destroy` (the step's rc is its rc), then the toolstack no longer lists
+    it, then Xen no longer holds it: `xl list` shows a domain whose pages stay
+    mapped (a grant not unmapped) as "(null)" under its old id."""
+    held = f"xl list 2>/dev/null | awk '$2 == {int(domid)}' | grep -q ."
+    return ["sh", "-c", f"xl destroy {shlex.quote(guest)} || exit $?; "
+            + _until_gone(f"xl domid {shlex.quote(guest)} >/dev/null 2>&1", "listed") + "; "
+            + _until_gone(held, "held") + "; "
+            + f"xl list 2>/dev/null | awk '$2 == {int(domid)}' | sed 's/^/{LEFT}line:/'; true"]
+
+
+def destroy_leftovers(out: str, guest: str, domid: int) -> list[str]:
+    """What destroy_argv's polls found still there."""
+    lines = out.splitlines()
+    left = []
+    if f"{LEFT}listed" in lines:
+        left.append(f"domain {domid} ({guest}) still listed {GONE_SECONDS:.0f}s after `xl destroy`")
+    if f"{LEFT}held" in lines:
+        held = [ln[len(LEFT) + 5:].strip() for ln in lines if ln.startswith(f"{LEFT}line:")]
+        left.append(f"domain {domid} still held by Xen after destroy: {held[0] if held else '(gone since)'}")
+    return left
 def _gone(dom0: Any, argv: list[str]) -> bool:
-    """`argv` fails (the thing is gone) within GONE_SECONDS."""
+    """(The lifecycle faults' polls, one round trip per try.) `argv` fails (the thing is gone) within GONE_SECONDS."""
     dl = Deadline(GONE_SECONDS)
     while True:
         res = dom0.run(argv, timeout=10)
