@@ -1,8 +1,9 @@
 """lab/teardown.py: the detach and destroy steps fold their "is it gone yet"
 polls into the step's own round trip. The scripts run here under a real sh,
 with stand-in `xl` and `xenstore-exists` that answer as the real ones do
-(exit 0 while the thing exists, non-zero once it is gone; `xl list` lines as
-captured from a real dom0: see tests/data/xenstore-default.txt's run)."""
+(exit 0 while the thing exists, non-zero once it is gone). XL_LIST's lines are
+`xl list` in the dom0 of a kept `stall` lab (2026-11-30, Xen 4.17.7); the
+"(null)" line is how xl lists a domain Xen still holds, written here by hand."""
 
 from __future__ import annotations
 
