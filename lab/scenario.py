@@ -89,7 +89,7 @@ class GuestCfg:
 # The userspace frontend's malformed requests (images/blkring/blkring.c), each
 # with its expected outcome asserted by the program.
 RING_HOSTILE_CASES = ("too-many-segments", "bad-grant-ref", "out-of-range-sector", "prod-ahead",
-                      "kill-with-outstanding", "slot-reuse", "reconnect-mid-flight")
+                      "kill-with-outstanding", "slot-reuse", "reconnect-mid-flight", "revoked-grant-ref")
 RING_MAX_SEGMENTS = 256  # blkback's MAX_INDIRECT_SEGMENTS
 # grants the lab lets xen-gntalloc hand out in a guest (its own default is 1024):
 # every ring page, data page and indirect page of the userspace frontend is one

@@ -219,10 +219,10 @@ static const char *const OPS[] = { "read", "write", "flush", "discard", "mixed" 
 enum { END_CLOSE, END_LINGER };
 static const char *const AT_END[] = { "close", "linger" };
 
-enum { H_SEGMENTS, H_GREF, H_RANGE, H_PROD, H_KILL, H_REUSE, H_MIDFLIGHT, H_COUNT };
+enum { H_SEGMENTS, H_GREF, H_RANGE, H_PROD, H_KILL, H_REUSE, H_MIDFLIGHT, H_REVOKED, H_COUNT };
 static const char *const CASES[H_COUNT] = { "too-many-segments", "bad-grant-ref", "out-of-range-sector",
 					    "prod-ahead", "kill-with-outstanding", "slot-reuse",
-					    "reconnect-mid-flight" };
+					    "reconnect-mid-flight", "revoked-grant-ref" };
 
 #define MAX_RECONNECTS 8
 #define MAX_QUEUES 16 /* blkring's limit; blkback offers multi-queue-max-queues (dom0's vCPUs by default) */
@@ -1959,6 +1959,78 @@ static void build_bad_gref(union blkif_request *r)
 	r->rw.seg[0].last_sect = SECTORS_PER_PAGE - 1;
 }
 
+/* revoked-grant-ref: a page granted to the backend and the grant ended (the
+ * frontend took the page back) before a request naming its ref is pushed. */
+static grant_ref_t revoked_ref;
+
+static bool grant_one(grant_ref_t *ref, uint64_t *index)
+{
+	struct ioctl_gntalloc_alloc_gref a = { .domid = (uint16_t)C.backend_id, .flags = GNTALLOC_FLAG_WRITABLE,
+					       .count = 1 };
+	if (ioctl(C.gfd, IOCTL_GNTALLOC_ALLOC_GREF, &a) < 0)
+		return false;
+	*ref = a.gref_ids[0];
+	*index = a.index;
+	return true;
+}
+
+static bool end_grant(uint64_t index)
+{
+	struct ioctl_gntalloc_dealloc_gref d = { .index = index, .count = 1 };
+	return ioctl(C.gfd, IOCTL_GNTALLOC_DEALLOC_GREF, &d) == 0;
+}
+
+static void case_revoked(struct case_result *res)
+{
+	uint64_t index;
+	/* never mapped here nor by the backend: gntalloc ends the grant at once */
+	if (!grant_one(&revoked_ref, &index) || !end_grant(index)) {
+		snprintf(res->got, sizeof res->got, "could not grant and revoke a page: %s", strerror(errno));
+		res->ok = false;
+		return;
+	}
+	snprintf(res->expected, sizeof res->expected,
+		 "error response to a write naming grant ref %u, revoked before it was pushed; then the ring still "
+		 "serves",
+		 revoked_ref);
+	union blkif_request *r = req_next(0);
+	memset(r, 0, sizeof *r);
+	r->rw.operation = BLKIF_OP_WRITE;
+	r->rw.nr_segments = 1;
+	r->rw.handle = (uint16_t)O.devid;
+	r->rw.id = 0;
+	r->rw.sector_number = 0;
+	r->rw.seg[0].gref = revoked_ref;
+	r->rw.seg[0].last_sect = SECTORS_PER_PAGE - 1;
+	/* counted as served only if it is (blkback counts sectors after mapping) */
+	mark_submitted(0, OP_WRITE, 0, SECTORS_PER_PAGE, K_ORPHAN);
+	push(true);
+	bool answered = wait_answered(0, 5, NULL);
+	size_t n = answered ? (size_t)snprintf(res->got, sizeof res->got, "%s response", status_name(S[0].status))
+			    : (size_t)snprintf(res->got, sizeof res->got, "no response within 5s");
+	bool ok = answered && S[0].status == BLKIF_RSP_ERROR;
+	if (answered && S[0].status == BLKIF_RSP_OKAY) {
+		/* The guest kernel hands freed refs out again last-in first-out: if a
+		 * new grant does not get this ref, another grant (blkfront on another
+		 * disk, say) took it meanwhile, and blkback rightly served a ref that
+		 * was valid again. If it does get it, the ref stayed revoked. */
+		grant_ref_t again;
+		if (grant_one(&again, &index)) {
+			end_grant(index);
+			ok = again != revoked_ref;
+			n += (size_t)snprintf(res->got + n, sizeof res->got - n,
+					      ok ? " (the ref had been granted again meanwhile: a new grant got %u)"
+						 : " to a ref still revoked (a new grant got it back: %u)",
+					      again);
+		}
+	}
+	if (answered) {
+		bool serves = still_serves(res->got + n, sizeof res->got - n);
+		ok = ok && serves;
+	}
+	res->ok = ok;
+}
+
 static uint64_t range_sector;
 static void build_out_of_range(union blkif_request *r)
 {
@@ -2254,6 +2326,9 @@ static bool run_hostile(void)
 				 "both requests with one id answered (two okay responses with that id); then the ring "
 				 "still serves");
 			case_slot_reuse(res);
+			break;
+		case H_REVOKED:
+			case_revoked(res);
 			break;
 		case H_MIDFLIGHT:
 			snprintf(res->expected, sizeof res->expected,

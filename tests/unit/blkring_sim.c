@@ -111,14 +111,22 @@ struct region {
 	uint64_t index;
 	uint8_t *mem;
 	unsigned count;
+	unsigned first_gref;
 };
+/* ended grants, handed out again last-in first-out as the guest kernel does */
+static unsigned freed[64], nfreed;
+/* SIM_REGRANT=1: another grant takes each ended ref at once (the ref is valid
+ * again when the backend maps it) */
+static bool regrant;
+/* SIM_SERVE_REVOKED=1: a broken backend that maps an ended grant anyway */
+static bool serve_revoked;
 static struct region regions[256];
 static unsigned nregions;
 static uint64_t next_index;
 
 static uint8_t *page_of(uint32_t gref)
 {
-	if (gref >= MAX_GREFS || !gref_page[gref] || gref_revoked[gref])
+	if (gref >= MAX_GREFS || !gref_page[gref] || (gref_revoked[gref] && !serve_revoked))
 		return NULL;
 	return gref_page[gref];
 }
@@ -653,6 +661,8 @@ static void setup_once(void)
 	refuse_connect = getenv("SIM_REFUSE_CONNECT") ? (unsigned)atoi(getenv("SIM_REFUSE_CONNECT")) : 0;
 	stuck_closing = getenv("SIM_STUCK_CLOSING") && !strcmp(getenv("SIM_STUCK_CLOSING"), "1");
 	one_queue = getenv("SIM_ONE_QUEUE") && !strcmp(getenv("SIM_ONE_QUEUE"), "1");
+	regrant = getenv("SIM_REGRANT") && !strcmp(getenv("SIM_REGRANT"), "1");
+	serve_revoked = getenv("SIM_SERVE_REVOKED") && !strcmp(getenv("SIM_SERVE_REVOKED"), "1");
 	delay_ns = getenv("SIM_DELAY_MS") ? (uint64_t)atoi(getenv("SIM_DELAY_MS")) * 1000000ull : 0;
 	if (getenv("SIM_MAX_QUEUES"))
 		max_queues = (unsigned)atoi(getenv("SIM_MAX_QUEUES"));
@@ -788,16 +798,42 @@ int ioctl(int fd, unsigned long req, ...)
 		if (mem == MAP_FAILED)
 			return -1;
 		pthread_mutex_lock(&mu);
+		bool reuse = a->count == 1 && nfreed;
+		unsigned first = reuse ? freed[--nfreed] : next_gref;
 		for (unsigned i = 0; i < a->count; i++) {
-			gref_page[next_gref] = mem + (size_t)i * PAGE;
-			gref_revoked[next_gref] = false;
-			a->gref_ids[i] = next_gref++;
+			unsigned g = reuse ? first : next_gref++;
+			gref_page[g] = mem + (size_t)i * PAGE;
+			gref_revoked[g] = false;
+			a->gref_ids[i] = g;
 		}
-		regions[nregions++] = (struct region){ next_index, mem, a->count };
+		regions[nregions++] = (struct region){ next_index, mem, a->count, first };
 		a->index = next_index;
 		next_index += (uint64_t)a->count * PAGE;
 		pthread_mutex_unlock(&mu);
 		return 0;
+	}
+	if (req == IOCTL_GNTALLOC_DEALLOC_GREF) {
+		struct ioctl_gntalloc_dealloc_gref *d = arg;
+		pthread_mutex_lock(&mu);
+		for (unsigned i = 0; i < nregions; i++) {
+			if (regions[i].index != d->index || regions[i].count != d->count)
+				continue;
+			for (unsigned k = 0; k < d->count; k++) {
+				unsigned g = regions[i].first_gref + k;
+				if (regrant) /* someone else's page under the same ref now */
+					gref_page[g] = regions[i].mem + (size_t)k * PAGE;
+				else {
+					gref_revoked[g] = true;
+					if (nfreed < 64)
+						freed[nfreed++] = g;
+				}
+			}
+			pthread_mutex_unlock(&mu);
+			return 0;
+		}
+		pthread_mutex_unlock(&mu);
+		errno = EINVAL;
+		return -1;
 	}
 	if (req == IOCTL_EVTCHN_BIND_UNBOUND_PORT) {
 		static int next_port = 5; /* a port of its own for each queue */

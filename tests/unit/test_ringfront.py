@@ -575,6 +575,23 @@ def test_under_the_simulator_every_hostile_case_meets_its_expectation(sim: dict[
     assert _accounting(st, backend) == [], "what the frontend completed = what the backend took"
 
 
+@pytest.mark.parametrize(("env", "status", "ok"), [
+    ({}, "error", True),  # the ref stayed ended: blkback must refuse it
+    ({"SIM_REGRANT": "1"}, "okay", True),  # another grant took the ref: serving it is right
+    ({"SIM_SERVE_REVOKED": "1"}, "okay", False),  # a backend that maps an ended grant
+])
+def test_under_the_simulator_a_revoked_grant_ref_is_refused_unless_granted_again(
+        sim: dict[str, Path], env: dict[str, str], status: str, ok: bool) -> None:
+    rc, out, st, backend = _sim_run(sim, f"revoked-{status}-{ok}", "--duration", "0.3", "--op", "write",
+                                    "--hostile", "revoked-grant-ref", "--settle", "0.05", env=env)
+    (case,) = out["hostile"]
+    assert case["case"] == "revoked-grant-ref" and case["ok"] is ok, case
+    assert case["got"].startswith(f"{status} response"), case["got"]
+    assert (rc == 0) is ok
+    if ok:
+        assert _accounting(st, backend) == [], "a served revoked write counts its sectors, a refused one none"
+
+
 def test_under_the_simulator_verify_catches_a_corrupted_read(sim: dict[str, Path]) -> None:
     rc, out, _, _ = _sim_run(sim, "clean", "--duration", "0.4", "--op", "write", "--verify", "1")
     assert rc == 0 and out["verify"]["checked"] > 0 and out["verify"]["mismatches"] == 0
