@@ -173,7 +173,8 @@ class BackendCfg:
     patches: tuple[str, ...] = ()  # patch files applied on top, in order
 
 
-FAULT_KINDS = ("stall", "delay", "error", "pause-l1", "detach-attach", "destroy", "save-restore", "reboot")
+FAULT_KINDS = ("stall", "delay", "error", "corrupt", "pause-l1", "detach-attach", "destroy", "save-restore",
+               "reboot")
 LIFECYCLE_KINDS = ("detach-attach", "destroy", "save-restore", "reboot")  # operations of the toolstack
 
 
@@ -184,6 +185,9 @@ class FaultCfg:
     stall: the disk's dm device in dom0 is suspended (I/O stops completing);
     delay: every I/O to it takes `delay` longer (dm-delay), but completes;
     error: every I/O to it fails (dm error target);
+    corrupt: every write to it lands with one byte changed (dm-flakey's
+      corrupt_bio_byte) and completes okay: silent corruption, which only a
+      workload that reads back what it wrote (tool = "ring", verify = true) sees;
     pause-l1: the whole Xen VM is frozen from L0 (QEMU monitor `stop`);
     detach-attach: the test disk is detached (xl block-detach) and attached again,
       `count` times (connect/disconnect churn; the disk must carry no workload:
@@ -198,7 +202,7 @@ class FaultCfg:
       cold-plug path, where every other run hot-plugs) and each must connect
       and carry I/O."""
 
-    kind: Literal["stall", "delay", "error", "pause-l1", "detach-attach", "destroy", "save-restore",
+    kind: Literal["stall", "delay", "error", "corrupt", "pause-l1", "detach-attach", "destroy", "save-restore",
                   "reboot"] = "stall"
     guest: str = ""  # target guest and disk (not used by pause-l1)
     disk: str = "xvdb"
@@ -323,6 +327,19 @@ def _check(s: Scenario, where: str) -> None:
                           "disk, so its detach would wait for the workload; churn a disk without one")
         if f.kind in ("save-restore", "reboot") and s.dom0.os == "freebsd":
             raise err(f"faults[{i}].kind", f"{f.kind} is carried out with a Linux dom0 only, so far")
+        if f.kind == "corrupt" and not any(w.guest == f.guest and w.disk == f.disk and w.tool == "ring"
+                                           and w.ring.persistent for w in s.workloads):
+            # dm-flakey changes the byte in place, in the page blkback mapped from
+            # the guest: a write's page is mapped read-only unless the grant is
+            # persistent, and the dom0 kernel then oopses in corrupt_bio_data
+            # (measured on 6.1: "BUG: unable to handle page fault ... permissions
+            # violation"), which would be the injector's crash, not the backend's
+            raise err(f"faults[{i}].kind", f"corrupt needs {f.guest}/{f.disk} driven by tool = \"ring\" with "
+                      "persistent = true (and verify = true to see it): dm-flakey corrupts a write in the page "
+                      "blkback mapped, which is read-only without a persistent grant (dom0 oopses)")
+        if f.kind == "corrupt" and s.dom0.os == "freebsd":
+            raise err(f"faults[{i}].kind", "a FreeBSD dom0 cannot corrupt a disk's data (gnop(8) delays or fails "
+                      "requests): use delay, error or pause-l1")
         if f.kind == "stall" and s.dom0.os == "freebsd":
             raise err(f"faults[{i}].kind", "a FreeBSD dom0 cannot stall a disk (gnop(8) delays or fails "
                       "requests, it cannot hold them): use delay, error or pause-l1")

@@ -37,6 +37,8 @@ def test_dm_tables_shall_keep_the_lower_device_and_size() -> None:
     assert dm_table("linear", B) == "0 $n linear /dev/vdc 0"
     assert dm_table("delay", B, delay_ms=100) == "0 $n delay /dev/vdc 0 100"
     assert dm_table("error", B) == "0 $n error"
+    # always down (up 0 s), one feature of five words: byte 2100 of each write set to 0xa5
+    assert dm_table("corrupt", B) == "0 $n flakey /dev/vdc 0 0 3600 5 corrupt_bio_byte 2100 w 165 0"
     script = swap_table_script(B, dm_table("delay", B, delay_ms=5))
     # suspend, reload, resume, in that order, on the lab's dm device, without udev
     order = [script.index(w) for w in ("dmsetup suspend", "dmsetup reload", "dmsetup resume")]

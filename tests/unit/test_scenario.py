@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -382,3 +383,22 @@ def test_toml_inf_and_nan_shall_not_pass_as_durations(value: float) -> None:
         values.parse_duration(value)
     with pytest.raises(ScenarioError, match="finite"):
         scenario.from_dict(_mutated(("watchdog", "stall_window"), value), WHERE)
+
+
+def test_a_corrupt_fault_shall_need_a_verifying_ring_workload_with_persistent_grants(tmp_path: Path) -> None:
+    """dm-flakey corrupts a write in the page blkback mapped; without a persistent
+    grant that page is read-only and dom0 oopses (seen on 6.1): refused at load."""
+    base = ('name = "t"\n[[guests]]\nname = "lin1"\n[[guests.disks]]\nvdev = "xvdb"\n'
+            '[[faults]]\nkind = "corrupt"\nguest = "lin1"\ndisk = "xvdb"\n')
+    p = tmp_path / "s.toml"
+    for workload in ('[[workloads]]\nguest = "lin1"\n',
+                     '[[workloads]]\nguest = "lin1"\ntool = "ring"\n[workloads.ring]\nop = "write"\nverify = true\n'):
+        p.write_text(base + workload)
+        with pytest.raises(ScenarioError, match=re.escape("faults[0].kind")) as e:
+            scenario.load(p)
+        assert "persistent = true" in str(e.value) and str(p) in str(e.value)
+    p.write_text(base + '[[workloads]]\nguest = "lin1"\ntool = "ring"\n[workloads.ring]\nop = "write"\n'
+                 'verify = true\npersistent = true\n')
+    assert scenario.load(p).faults[0].kind == "corrupt"
+    preset = scenario.load("silent-corruption")
+    assert preset.faults[0].kind == "corrupt" and preset.workloads[0].ring.verify

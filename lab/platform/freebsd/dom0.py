@@ -74,7 +74,7 @@ class FreeBsdDom0(Dom0Base):
             return f"gnop configure -d {delay_ms} -q 100 -x 100 {b.path}"
         if kind == "error":
             return f"gnop configure -e 5 -r 100 -w 100 {b.path}"  # EIO on every request
-        raise LabError("fault", f"a FreeBSD dom0 cannot inject {kind!r} (gnop has no suspend)")
+        raise LabError("fault", f"a FreeBSD dom0 cannot inject {kind!r} (gnop neither holds nor corrupts)")
 
     def release_scripts(self, kind: str, b: Backing) -> list[str]:
         return [f"gnop configure -q 0 -x 0 -r 0 -w 0 {b.path}"]

@@ -108,7 +108,9 @@ class LinuxDom0(Dom0Base):
             return f"dmsetup suspend --noudevsync {b.name}"
         if kind == "delay":
             return faults.delay_script(b, delay_ms)
-        return faults.swap_table_script(b, faults.dm_table("error", b))
+        if kind in ("error", "corrupt"):
+            return faults.swap_table_script(b, faults.dm_table(kind, b))
+        raise LabError("fault", f"a Linux dom0 has no dm fault {kind!r}")
 
     def release_scripts(self, kind: str, b: Backing) -> list[str]:
         if kind == "stall":
