@@ -48,6 +48,7 @@ class WorkloadObs:
     transport_error: str = ""  # the lab lost the channel it ran on
     stderr: str = ""
     lab_failure: str = ""  # the tool says it could not run at all (not the backend's doing)
+    problems: tuple[str, ...] = ()  # what the tool says each error was (blkring: the case, expected, got)
 
 
 @dataclass(frozen=True)
@@ -349,12 +350,13 @@ def decide(obs: Observations, cfg: Config) -> Verdict:
     errors: list[str] = []
     for w in obs.workloads:
         if w.errors and not obs.expect_errors:
-            errors.append(f"{w.key}: the workload reported {w.errors} errors")
+            errors.append(f"{w.key}: the workload reported {w.errors} errors"
+                          + (": " + "; ".join(_clip(p, 240) for p in w.problems[:8]) if w.problems else ""))
         elif w.errors:
             errors.append(f"{w.key}: the workload reported {w.errors} errors (expected by the scenario's faults)")
         if w.no_result:
             errors.append(f"{w.key}: no workload result (rc {w.rc}: {w.no_result})")
-        elif w.rc not in (0, None):
+        elif w.rc not in (0, None) and not (w.problems and w.errors):  # else said above, in the tool's words
             errors.append(f"{w.key}: the workload exited {w.rc}: {w.stderr.strip()[-300:]}")
     errors += [f.message for f in obs.findings if f.verdict == "FAIL"]
     errors += _fault_fail(obs)
@@ -430,3 +432,8 @@ def after_teardown(v: Verdict, td: Any) -> Verdict:
 def error(stage: str, message: str) -> Verdict:
     """A run that could not get to a decision (setup, boot, guests...)."""
     return Verdict("ERROR", stage, f"lab failed at stage {stage}: {message}", rule="lab-failure")
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 1] + "…"

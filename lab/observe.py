@@ -305,6 +305,7 @@ def _workload_obs(j: Job, parsed: IoResult | NoResult | None) -> decide.Workload
         stderr=r.stderr, errors=parsed.errors if isinstance(parsed, IoResult) else None,
         no_result=parsed.why if isinstance(parsed, NoResult) else "",
         lab_failure=parsed.lab_failure if isinstance(parsed, NoResult) else "",
+        problems=tuple(str(p) for p in parsed.extra.get("problems", [])) if isinstance(parsed, IoResult) else (),
     )
 
 

@@ -308,3 +308,21 @@ def test_a_pass_after_a_planned_destroy_says_so() -> None:
     assert "lin1 rebooted by a lifecycle fault as planned" in rebooted.summary
     v = decide.decide(final(), CFG)
     assert v.summary == "all workloads finished, progressed and drained"
+
+
+def test_a_fail_shall_name_each_hostile_case_in_the_tools_words() -> None:
+    """blkring's output from a real run against a blkback seeded to answer bad
+    requests okay (tests/data/README.md): the FAIL names every failed case, what
+    was expected and what came, not the last 300 characters of stderr."""
+    from labdata import DATA
+
+    from lab import ringfront
+
+    res = ringfront.parse_ring((DATA / "blkring-hostile-seeded-okay.json").read_text())
+    wl = WorkloadObs(KEY, running=False, rc=1, errors=res.errors, stderr="…half a line",
+                     problems=tuple(res.extra["problems"]))
+    v = decide.decide(final(workloads=[wl]), CFG)
+    assert (v.verdict, v.rule) == ("FAIL", "errors")
+    for case in ("too-many-segments", "bad-grant-ref", "out-of-range-sector", "revoked-grant-ref"):
+        assert f"hostile case {case}: expected" in v.summary, v.summary
+    assert "got okay response" in v.summary and "half a line" not in v.summary
