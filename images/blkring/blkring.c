@@ -1948,15 +1948,21 @@ static void build_too_many_segments(union blkif_request *r)
  * and a read into someone else's page would corrupt it. A write, so that even a
  * backend that mapped it anyway would only write the test disk. */
 #define BAD_GREF 0xfffffff0u
-static void build_bad_gref(union blkif_request *r)
+/* a one-page write of sector 0 from `gref`, with id 0 */
+static void build_write_from(union blkif_request *r, grant_ref_t gref)
 {
 	r->rw.operation = BLKIF_OP_WRITE;
 	r->rw.nr_segments = 1;
 	r->rw.handle = (uint16_t)O.devid;
 	r->rw.id = 0;
 	r->rw.sector_number = 0;
-	r->rw.seg[0].gref = BAD_GREF;
+	r->rw.seg[0].gref = gref;
 	r->rw.seg[0].last_sect = SECTORS_PER_PAGE - 1;
+}
+
+static void build_bad_gref(union blkif_request *r)
+{
+	build_write_from(r, BAD_GREF);
 }
 
 /* revoked-grant-ref: a page granted to the backend and the grant ended (the
@@ -1995,13 +2001,7 @@ static void case_revoked(struct case_result *res)
 		 revoked_ref);
 	union blkif_request *r = req_next(0);
 	memset(r, 0, sizeof *r);
-	r->rw.operation = BLKIF_OP_WRITE;
-	r->rw.nr_segments = 1;
-	r->rw.handle = (uint16_t)O.devid;
-	r->rw.id = 0;
-	r->rw.sector_number = 0;
-	r->rw.seg[0].gref = revoked_ref;
-	r->rw.seg[0].last_sect = SECTORS_PER_PAGE - 1;
+	build_write_from(r, revoked_ref);
 	/* counted as served only if it is (blkback counts sectors after mapping) */
 	mark_submitted(0, OP_WRITE, 0, SECTORS_PER_PAGE, K_ORPHAN);
 	push(true);
