@@ -171,8 +171,11 @@ def destroy_leftovers(out: str, guest: str, domid: int) -> list[str]:
         held = [ln[len(LEFT) + 5:].strip() for ln in lines if ln.startswith(f"{LEFT}line:")]
         left.append(f"domain {domid} still held by Xen after destroy: {held[0] if held else '(gone since)'}")
     return left
+
+
 def _gone(dom0: Any, argv: list[str]) -> bool:
-    """(The lifecycle faults' polls, one round trip per try.) `argv` fails (the thing is gone) within GONE_SECONDS."""
+    """`argv` fails (the thing is gone) within GONE_SECONDS: one round trip per
+    try (lab/lifecycle.py's checks, which run while other steps go on)."""
     dl = Deadline(GONE_SECONDS)
     while True:
         res = dom0.run(argv, timeout=10)

@@ -310,7 +310,7 @@ def test_disk_by_serial_shall_need_exactly_one_match() -> None:
 
 
 def test_make_backing_shall_name_the_dm_device_by_its_minor() -> None:
-    r = FakeRunner("  7\n")
+    r = FakeRunner("minor=7\n")
     b = dom0.LinuxDom0(r, timeout=5).make_backing("lab-lin1-xvdb", "/dev/vdc")
     assert b == platform.Backing("lab-lin1-xvdb", "/dev/mapper/lab-lin1-xvdb", "/dev/vdc", "dm-7")
     (argv,) = r.calls

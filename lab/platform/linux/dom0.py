@@ -48,15 +48,9 @@ class LinuxDom0(Dom0Base):
     def make_backing(self, name: str, lower: str) -> Backing:
         """A dm-linear device over `lower`: faults later suspend, delay or fail it
         without touching the guest's configuration."""
-        # --noudevsync + mknodes: there is no udev in the lab's dom0 to wait for.
-        out = self.sh(
-            f"set -e; n=$(blockdev --getsz {shlex.quote(lower)}); "
-            f"dmsetup create --noudevsync {shlex.quote(name)} --table \"0 $n linear {lower} 0\"; "
-            f"dmsetup mknodes {shlex.quote(name)}; "
-            f"dmsetup info -c --noheadings -o minor {shlex.quote(name)}",
-            stage="guest:disk",
-        )
-        return Backing(name, f"/dev/mapper/{name}", lower, f"dm-{int(out.strip())}")
+        out = self.sh(f"set -e; lower={shlex.quote(lower)}; " + _DM_LINEAR.format(q=shlex.quote(name)),
+                      stage="guest:disk")
+        return _backing(name, lower, out)
 
     def backing_by_serial(self, serial: str) -> Backing:
         """disk_by_serial then make_backing (named after the serial) in one round
@@ -67,17 +61,10 @@ class LinuxDom0(Dom0Base):
             f'for f in /sys/block/vd*/serial; do if [ "$(cat $f)" = {q} ]; then '
             'd=${f%/serial}; lower=/dev/${d##*/}; n=$((n+1)); fi; done; '
             f'[ $n -eq 1 ] || {{ echo "dom0 has $n virtio disks with serial {serial}" >&2; exit 3; }}; '
-            'echo "lower=$lower"; sz=$(blockdev --getsz "$lower"); '
-            f'dmsetup create --noudevsync {q} --table "0 $sz linear $lower 0"; '
-            f"dmsetup mknodes {q}; "
-            f'echo "minor=$(dmsetup info -c --noheadings -o minor {q})"',
+            'echo "lower=$lower"; ' + _DM_LINEAR.format(q=q),
             stage="guest:disk",
         )
-        kv = parse_key_values(out)
-        try:
-            return Backing(serial, f"/dev/mapper/{serial}", kv["lower"], f"dm-{int(kv['minor'])}")
-        except (KeyError, ValueError):
-            raise LabError("guest:disk", f"dom0 made no backing device for serial {serial!r}: {out.strip()[-200:]!r}") from None
+        return _backing(serial, parse_key_values(out).get("lower", ""), out)
 
     def remove_backing(self, b: Backing) -> None:
         self.r.run(["dmsetup", "resume", "--noudevsync", b.name], timeout=self.timeout)
@@ -197,6 +184,22 @@ class LinuxDom0(Dom0Base):
         # boot disk of the run that saved the state; this run's disk differs.
         self.sh(f"blockdev --flushbufs {dev} && mkdir -p {where} && mount -t ext4 -o ro,noload {dev} {where}",
                 stage="guest:create")
+
+
+# sh: a dm-linear device {q} over the device in $lower, then its minor. Without
+# udev in the lab's dom0: --noudevsync, and mknodes makes /dev/mapper/{q}.
+_DM_LINEAR = ('sz=$(blockdev --getsz "$lower"); '
+              'dmsetup create --noudevsync {q} --table "0 $sz linear $lower 0"; '
+              "dmsetup mknodes {q}; "
+              'echo "minor=$(dmsetup info -c --noheadings -o minor {q})"')
+
+
+def _backing(name: str, lower: str, out: str) -> Backing:
+    """The Backing that a _DM_LINEAR script's output describes."""
+    try:
+        return Backing(name, f"/dev/mapper/{name}", lower, f"dm-{int(parse_key_values(out)['minor'])}")
+    except (KeyError, ValueError):
+        raise LabError("guest:disk", f"dom0 made no backing device {name!r}: {out.strip()[-200:]!r}") from None
 
 
 # One line per fact, key=value; a missing fact prints an empty value.
