@@ -5,6 +5,8 @@ the verdict."""
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 from pathlib import Path
 
 from lab import console
@@ -16,23 +18,38 @@ from lab.runner import Runner
 log = logging.getLogger("lab.evidence")
 
 
-def l1_answers(l1: L1 | None) -> bool:
-    """One short probe: evidence must not wait out every item's deadline on an L1
-    that stopped answering."""
-    return bool(l1 is not None and l1.dom0.alive() and l1.dom0.run(["true"], timeout=PROBE_SECONDS).ok)
+CONSOLE_MARK = "@@lab-console:"
+_CONSOLE_SPLIT = re.compile("\n" + re.escape(CONSOLE_MARK) + "([^\n]*)\n")
 
 
-def guest_consoles(l1: L1, names: list[str], results: Path) -> dict[str, console.Console]:
-    """Each guest's console as xenconsoled logged it in dom0, copied into the
+def l1_answers_with_consoles(l1: L1 | None, names: list[str], results: Path) -> tuple[bool, dict[str, console.Console]]:
+    """Whether dom0 answers (a short probe: evidence must not wait out every
+    item's deadline on an L1 that stopped answering) and, on the same round
+    trip, each guest's console as xenconsoled logged it in dom0, copied into the
     results (console-<guest>.log)."""
+    if l1 is None or not l1.dom0.alive():
+        return False, {}
+    # each mark on a line of its own, also after a log whose last line has no newline
+    script = "".join(f"printf '\\n%s\\n' {shlex.quote(CONSOLE_MARK + n)}; "
+                     f"tail -n 2000 {shlex.quote(f'/var/log/xen/console/guest-{n}.log')} 2>/dev/null; "
+                     for n in names) + "true"
+    res = l1.dom0.run(["sh", "-c", script], timeout=2 * PROBE_SECONDS)
+    if not res.ok:
+        return False, {}
     out = {}
-    for name in names:
-        res = l1.dom0.run(["tail", "-n", "2000", f"/var/log/xen/console/guest-{name}.log"], timeout=10)
-        if res.ok and res.stdout:
+    for name, text in split_consoles(res.stdout).items():
+        if text:
             path = results / f"console-{name}.log"
-            path.write_text(res.stdout)
+            path.write_text(text)
             out[name] = console.Console(path, f"guest {name}")
-    return out
+    return True, out
+
+
+def split_consoles(stdout: str) -> dict[str, str]:
+    """l1_answers_with_consoles' output: each guest's console text by name (the
+    newline the script puts before each mark is not the console's)."""
+    parts = _CONSOLE_SPLIT.split("\n" + stdout)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
 def collect(results: Path, l1: L1 | None, guests: list[Guest], consoles: dict[str, console.Console],

@@ -24,13 +24,24 @@ from lab.boot import L1, Where, guest_files, guest_ip
 from lab.errors import LabError
 from lab.platform import Backing, GuestPlatform, Media
 from lab.platforms import dom0_platform, guest_platform
-from lab.timing import Deadline
-from lab.xen import VDEV_DEVID, VbdInfo, Xl, negotiation_problems, parse_xenstore_ls, render_xl_cfg, vbd_info
+from lab.timing import Background, Deadline
+from lab.xen import (
+    VDEV_DEVID,
+    VbdInfo,
+    Xl,
+    negotiation_problems,
+    parse_xenstore_ls,
+    render_xl_cfg,
+    split_trees,
+    trees_script,
+    vbd_info,
+)
 
 BOOT_MOUNT = "/run/lab/boot"
 XENBUS_CONNECTED = "4"
 XENBUS_GIVING_UP = {"5", "6"}  # Closing, Closed: a device being set up never passes through these
 XENBUS_INITIALISING, XENBUS_INITWAIT = "1", "2"
+CONNECT_WAIT_S = 10.0  # the attach's own wait for Connected; wait_connected's loop goes on after it
 
 
 class DiskFailure(Exception):
@@ -55,6 +66,7 @@ class Guest:
     from_state: bool = False  # up in a restored L1 (warm start), not booted by this run
     blkfront: dict[str, str] = field(default_factory=dict)  # blkfront's parameters as loaded for the test disks
     frontend_loaded: bool = False  # load_frontend ran (this run's blkfront, with the scenario's limits)
+    clock_pending: bool = False  # adopted from a saved state: its clock is set on load_frontend's round trip
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -138,10 +150,11 @@ def boot_all(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phase
 def adopt(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: dict[str, float],
           progress: list[str], deadline: Deadline) -> list[Guest]:
     """The guests a restored L1 holds (lab/l1state.py): each still running under
-    its name, with no disk of any kind, reached over a new SSH session (TCP state
-    did not survive the save) and its clock set from L0's (it stood still while
-    saved). Anything else means the state is not what its key says: the lab's
-    failure (ERROR), and the caller drops the state."""
+    its name, with no disk of any kind, and reached over a new SSH session (TCP
+    state did not survive the save). Anything else means the state is not what
+    its key says: the lab's failure (ERROR), and the caller drops the state.
+    Each guest's clock stood still while saved: load_frontend, the next step,
+    sets it from L0's on its own round trip."""
     progress[0] = "guest:restore"
     dl = sc.deadlines
     cfgs = xl_configs(sc, run_id="(saved with L1)")  # what the state's key says they were created with
@@ -162,11 +175,10 @@ def adopt(sc: scenario.Scenario, l1: L1, media: Media, where: Where, *, phases: 
                            f"{sorted(vbds)[:3]}; a saved state must hold none")
         t = time.monotonic()
         runner = _connect(sc, l1, media, where, g, domid, deadline)
-        gp = guest_platform(g.os)
-        runner.run(gp.set_clock_argv(int(time.time())), timeout=dl.command).check("guest:restore")
         phases[f"guest_ssh_{g.name}"] = round(time.monotonic() - t, 2)
         (where.results / f"xl-{g.name}.cfg").write_text(cfgs[g.name])
-        guests.append(Guest(g, guest_ip(sc, g.name), domid, runner, gp, from_state=True))
+        guests.append(Guest(g, guest_ip(sc, g.name), domid, runner, guest_platform(g.os), from_state=True,
+                            clock_pending=True))
     return guests
 
 
@@ -217,16 +229,32 @@ def load_frontends(sc: scenario.Scenario, guests: list[Guest]) -> None:
 
 def load_frontend(sc: scenario.Scenario, gu: Guest) -> None:
     """Reload the guest's blkfront with the scenario's limits (no disk uses it
-    yet) and check it took them; one round trip."""
+    yet) and check it took them; one round trip, which first sets the clock of
+    a guest adopted from a saved state (a round trip costs 0.3-0.5 s under TCG)."""
     gp = gu.os
-    have = gp.parse_blkfront_params(gu.runner.run(gp.frontend_argv(gu.cfg), timeout=sc.deadlines.command)
-                                    .check("guest:attach").stdout)
+    argv = gp.frontend_argv(gu.cfg)
+    if gu.clock_pending:
+        argv = after_clock(gp.set_clock_argv(int(time.time())), argv)
+    res = gu.runner.run(argv, timeout=sc.deadlines.command)
+    if res.rc == CLOCK_FAILED:
+        raise LabError("guest:restore", f"guest {gu.cfg.name}: could not set its clock: {_last_line(res.stderr)}")
+    have = gp.parse_blkfront_params(res.check("guest:attach").stdout)
+    gu.clock_pending = False
     gu.blkfront = have
     gu.frontend_loaded = True
     wrong = {k: (v, have.get(k)) for k, v in gp.frontend_params(gu.cfg).items() if have.get(k) != v}
     if wrong:
         raise LabError("guest:attach", f"guest {gu.cfg.name}'s blkfront did not take the scenario's limits "
                        f"(wanted, loaded): {wrong}")
+
+
+CLOCK_FAILED = 90  # after_clock's rc when the clock could not be set
+
+
+def after_clock(clock: list[str], then: list[str]) -> list[str]:
+    """One command: `clock` (its output dropped), then `then` in its place,
+    whose rc and output are the command's; CLOCK_FAILED if `clock` failed."""
+    return ["sh", "-c", f"{shlex.join(clock)} >/dev/null || exit {CLOCK_FAILED}; exec {shlex.join(then)}"]
 
 
 def _connect(sc: scenario.Scenario, l1: L1, media: Media, where: Where, g: scenario.GuestCfg,
@@ -277,8 +305,11 @@ def attach_one(sc: scenario.Scenario, l1: L1, gu: Guest, xl: Xl, where: Where, v
     if ringfront.drives(sc.workloads, gu.cfg.name, vdev):
         gu.vbds[vdev] = attach_unbound(sc, l1, gu, xl, where, vdev, deadline)
         return gu.vbds[vdev]
-    _block_attach(l1, gu, xl, vdev, deadline)
-    gu.vbds[vdev] = wait_connected(sc, gu, xl, vdev, where, deadline)
+    # the guest waits for its block device beside dom0's attach (one round trip each)
+    present = Background("guest:attach", lambda: gu.runner.run(
+        gu.os.disk_present_argv(vdev, wait_s=CONNECT_WAIT_S), timeout=CONNECT_WAIT_S + 10).ok, beside="the attach")
+    trees = _block_attach(l1, gu, xl, vdev, deadline, then_connected=True)
+    gu.vbds[vdev] = wait_connected(sc, gu, xl, vdev, where, deadline, first=trees, present=present)
     check_negotiated(gu, vdev, gu.cfg)
     return gu.vbds[vdev]
 
@@ -357,25 +388,50 @@ def wait_unbound(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Whe
         time.sleep(0.5)
 
 
-def _block_attach(l1: L1, gu: Guest, xl: Xl, vdev: str, deadline: Deadline) -> None:
+def _block_attach(l1: L1, gu: Guest, xl: Xl, vdev: str, deadline: Deadline, *,
+                  then_connected: bool = False) -> list[str] | None:
     """`xl block-attach` of a test disk on its backing device: the lab losing dom0
-    is ERROR, the toolstack refusing it is the backend's FAIL."""
+    is ERROR, the toolstack refusing it is the backend's FAIL. With
+    `then_connected`, on the same round trip dom0 waits (at most
+    CONNECT_WAIT_S) for both ends to be Connected or giving up, then prints
+    both xenstore trees for wait_connected (returned, as xenstore_trees)."""
     script = f"script={l1.ops.block_script}, " if l1.ops.block_script else ""
     spec = f"format=raw, vdev={vdev}, access=rw, {script}target={gu.backings[vdev].path}"  # target= comes last
-    res = l1.dom0.run(["xl", "block-attach", gu.cfg.name, spec], timeout=max(1.0, deadline.remaining()))
+    argv = ["xl", "block-attach", gu.cfg.name, spec]
+    if then_connected:
+        devid = VDEV_DEVID[vdev]
+        argv = ["sh", "-c", f"{shlex.join(argv)} || exit $?; "
+                + until_settled(f"/local/domain/0/backend/vbd/{gu.domid}/{devid}/state",
+                                f"/local/domain/{gu.domid}/device/vbd/{devid}/state", CONNECT_WAIT_S) + "; "
+                + trees_script("/local/domain/0/backend", f"/local/domain/{gu.domid}/device/vbd") + "; true"]
+    res = l1.dom0.run(argv, timeout=max(1.0, deadline.remaining()))
     if res.transport_error:
         res.check("guest:attach")  # the lab lost dom0: ERROR
     if not res.ok:
         be = xl.xenstore_raw(f"/local/domain/0/backend/vbd/{gu.domid}")
         raise DiskFailure("guest:attach", f"`xl block-attach {gu.cfg.name} {vdev}` failed "
                           f"(rc {res.rc}): {_last_line(res.stderr)}; backend: {_states(be)}")
+    return split_trees(res.stdout, 2) if then_connected else None
 
 
-def _vbd_now(gu: Guest, xl: Xl, vdev: str) -> tuple[str, VbdInfo | None, str]:
-    """Both xenstore trees as read now (kept as evidence), the disk's VbdInfo if
-    it is there, and a line saying where it stands."""
+def until_settled(be_state: str, fe_state: str, seconds: float) -> str:
+    """sh: poll both xenbus state nodes every 0.1 s, at most `seconds`, until
+    both read Connected or either reads Closing/Closed (a round trip per poll
+    costs 0.3-0.6 s under TCG; a process in dom0 a few ms)."""
+    tries = max(1, int(seconds / 0.1))
+    giving_up = "|".join(f"{s}:*|*:{s}" for s in sorted(XENBUS_GIVING_UP))
+    return (f"n=0; while :; do s=\"$(xenstore-read {shlex.quote(be_state)} 2>/dev/null):"
+            f"$(xenstore-read {shlex.quote(fe_state)} 2>/dev/null)\"; "
+            f"case \"$s\" in {XENBUS_CONNECTED}:{XENBUS_CONNECTED}|{giving_up}) break;; esac; "
+            f"n=$((n+1)); [ $n -ge {tries} ] && break; sleep 0.1; done")
+
+
+def _vbd_now(gu: Guest, xl: Xl, vdev: str, trees: list[str] | None = None) -> tuple[str, VbdInfo | None, str]:
+    """Both xenstore trees as read now (or as `trees` read them), kept as
+    evidence, the disk's VbdInfo if it is there, and a line saying where it
+    stands."""
     # one round trip; the backend tree of every kind: a qdisk would be seen too
-    be_raw, fe_raw = xl.xenstore_trees("/local/domain/0/backend", f"/local/domain/{gu.domid}/device/vbd")
+    be_raw, fe_raw = trees or xl.xenstore_trees("/local/domain/0/backend", f"/local/domain/{gu.domid}/device/vbd")
     try:
         info = vbd_info(gu.domid, vdev, parse_xenstore_ls(be_raw), parse_xenstore_ls(fe_raw))
     except LabError as e:
@@ -405,11 +461,15 @@ def _states(xenstore: str) -> str:
 
 
 def wait_connected(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: Where,
-                    deadline: Deadline) -> VbdInfo:
+                   deadline: Deadline, *, first: list[str] | None = None,
+                   present: Background | None = None) -> VbdInfo:
     """Both ends Connected (xenbus state 4) and the disk present in the guest, within
-    the guest-create deadline; a disk that never gets there is the backend's FAIL."""
+    the guest-create deadline; a disk that never gets there is the backend's FAIL.
+    `first`: xenstore's trees as already read (the attach's round trip);
+    `present`: the guest's wait for the disk, already under way."""
     while True:
-        raw, info, last = _vbd_now(gu, xl, vdev)
+        raw, info, last = _vbd_now(gu, xl, vdev, first)
+        first = None
         if info is not None:
             if {info.state_backend, info.state_frontend} & XENBUS_GIVING_UP:
                 (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(raw)
@@ -417,8 +477,10 @@ def wait_connected(sc: scenario.Scenario, gu: Guest, xl: Xl, vdev: str, where: W
                 why = "; ".join(v for k, v in parse_xenstore_ls(err).items() if k.endswith("/error")) or "no error node"
                 raise DiskFailure("guest:attach", f"test disk {gu.cfg.name}/{vdev} was closed before it connected "
                                   f"({last}; backend's error: {why})")
+            waited, present = present, None
             if (info.state_backend == info.state_frontend == XENBUS_CONNECTED
-                    and gu.runner.run(gu.os.disk_present_argv(vdev), timeout=10).ok):
+                    and ((waited is not None and waited.result(deadline))
+                         or gu.runner.run(gu.os.disk_present_argv(vdev), timeout=10).ok)):
                 (where.results / f"xenstore-{gu.cfg.name}.txt").write_text(raw)
                 return info
         if deadline.expired():

@@ -31,6 +31,26 @@ LONG = 24 * 3600.0  # samplers end with the run; the channel closes then
 
 
 JOB_NOT_WRITTEN = "lab-job-not-written"
+OUTPUT_FOLLOWS = "@@lab-output@@"
+
+
+def workload_argv(tool: str, index: int) -> list[str]:
+    """One round trip for a workload: its job file goes in on stdin (one it
+    could not write is the lab's failure: JOB_NOT_WRITTEN, never the tool's),
+    the tool runs, and its structured output comes back after OUTPUT_FOLLOWS
+    (a `cat` of its own was a round trip of 0.25-0.5 s under TCG). The rc is
+    the tool's."""
+    job_path, out_path = f"/run/lab/{tool}-{index}.job", f"/run/lab/{tool}-{index}.json"
+    return ["sh", "-c", f"cat > {job_path} || {{ echo {JOB_NOT_WRITTEN}; exit 97; }}; "
+            + shlex.join(WORKLOADS[tool].argv(job_path, out_path))
+            + f"; rc=$?; echo {OUTPUT_FOLLOWS}; cat {out_path} 2>/dev/null; exit $rc"]
+
+
+def split_output(stdout: str) -> tuple[str, str | None]:
+    """workload_argv's stdout: the tool's own, and its structured output (None
+    when the command never got that far: timed out, or the session died)."""
+    own, mark, rest = stdout.partition(f"{OUTPUT_FOLLOWS}\n")
+    return (own, rest) if mark else (stdout, None)
 
 
 @dataclass
@@ -73,17 +93,21 @@ class Outcome:
     platform_record: dict[str, Any] = field(default_factory=dict)  # e.g. FreeBSD's "xbbd" report
     gone: set[str] = field(default_factory=set)  # guests a lifecycle fault destroyed (no teardown for them)
     t0: float = 0.0  # time.monotonic() when the workload phase began (the tracks' t = 0)
+    unfinished: set[str] | None = None  # guests with a workload that did not end on its own (None: unknown)
 
 
 def first_io(tracks: Sequence[Track]) -> float | None:
-    """When a workload's I/O was first seen: the t of the earliest guest sample
-    whose completed count is above that disk's first sample (which may already
-    count the kernel's partition probe at attach). An upper bound, one sampling
-    interval coarse; None when no disk moved."""
-    seen = []
+    """When a workload's I/O was first seen: the t of the earliest sample, of
+    either end, whose count is above that end's first sample for the disk (the
+    guest's completed requests, which may already count the kernel's partition
+    probe at attach; the requests blkback took). Each end's sampler is one
+    interval coarse and they tick out of phase, so the earlier of the two is the
+    tighter upper bound. None when no disk moved."""
+    seen: list[float | None] = []
     for tr in tracks:
-        pts = tr.guest_pts
-        seen += [next((p.t for p in pts if p.completed > pts[0].completed), None)] if pts else []
+        g, b = tr.guest_pts, tr.backend_pts
+        seen += [next((p.t for p in g if p.completed > g[0].completed), None)] if g else []
+        seen += [next((p.t for p in b if p.taken > b[0].taken), None)] if b else []
     moved = [t for t in seen if t is not None]
     return min(moved) if moved else None
 
@@ -141,12 +165,7 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
         stack.callback(injector.release_all)
         injector.start()
     for j in jobs:
-        tool = WORKLOADS[j.cfg.tool]
-        job_path = f"/run/lab/{j.cfg.tool}-{j.index}.job"
-        # the job file goes in on the tool's own round trip (stdin), then the tool replaces the shell
-        # (a job file it could not write is the lab's failure: JOB_NOT_WRITTEN, never the tool's)
-        argv = ["sh", "-c", f"cat > {job_path} || {{ echo {JOB_NOT_WRITTEN}; exit 97; }}; exec "
-                + shlex.join(tool.argv(job_path, f"/run/lab/{j.cfg.tool}-{j.index}.json"))]
+        argv = workload_argv(j.cfg.tool, j.index)
 
         def go(j: Job = j, argv: list[str] = argv) -> None:
             j.result = j.guest.runner.run(argv, timeout=j.cfg.runtime + j.grace, input=j.job)
@@ -197,7 +216,9 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
             live = [j.track for j in jobs if j.cfg.guest not in life.gone]
             if all(d.drained for d in decide.drains(live, t_end).values()):
                 break
-            time.sleep(wd.interval / 2)
+            # a look at the samples in memory costs nothing: the drain is seen
+            # within 0.1 s of the sample that shows it, not up to half an interval
+            time.sleep(min(0.1, wd.interval / 2))
         drain_s = round(time.monotonic() - t0 - t_end, 2)
     # after an early verdict no workload finished: nothing to fetch (and L1 may not answer)
     results = _fetch_results(sc, [j for j in jobs if j.cfg.guest not in life.gone], where) if verdict is None else {}
@@ -212,7 +233,15 @@ def run(sc: scenario.Scenario, platform: Dom0Platform, l1: L1, guests: list[Gues
             r["ended_by"] = f"{life.ended_by.get(j.cfg.guest, 'destroy')} (a lifecycle fault): not judged after it"
     destroyed = {g for g in life.gone if life.ended_by.get(g) == "destroy"}
     return Outcome(verdict, tracks, samplers, [r.as_dict() for r in injector.records] if injector else [],
-                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, destroyed, t0)
+                   records, fio_s, drain_s, platform.rules(sc, tracks, final=True).record, destroyed, t0,
+                   {j.cfg.guest for j in jobs if not _ended(j)})
+
+
+def _ended(j: Job) -> bool:
+    """The workload's command returned by itself: no tool of it is left running."""
+    r = j.result
+    return (j.thread is not None and not j.thread.is_alive() and r is not None
+            and not r.timed_out and not r.transport_error)
 
 
 def _streamer(runner: Any, argv: list[str]) -> Callable[[], Iterable[str]]:
@@ -320,13 +349,15 @@ def _fetch_results(sc: scenario.Scenario, jobs: Sequence[Job], where: Where) -> 
             out[j.index] = NoResult(why, why)
             continue
         name = f"{j.cfg.tool}-{j.index}.json"
-        res = j.guest.runner.run(["cat", f"/run/lab/{name}"], timeout=sc.deadlines.command)
-        (where.results / name).write_text(res.stdout)
+        text = split_output(j.result.stdout)[1]
+        if text is None:  # it did not end on its own: whatever it wrote so far
+            text = j.guest.runner.run(["cat", f"/run/lab/{name}"], timeout=sc.deadlines.command).stdout
+        (where.results / name).write_text(text)
         tool = WORKLOADS[j.cfg.tool]
         try:
-            out[j.index] = tool.parse(res.stdout)
+            out[j.index] = tool.parse(text)
         except ValueError as e:
-            out[j.index] = NoResult(str(e) or "unparsable output", tool.lab_failure(res.stdout))
+            out[j.index] = NoResult(str(e) or "unparsable output", tool.lab_failure(text))
     return out
 
 

@@ -34,7 +34,7 @@ from lab.platform import BackendCtx, Media
 from lab.platforms import dom0_platform
 from lab.progress import Progress
 from lab.runner import CommandLog, LocalRunner, signals_deferred
-from lab.timing import Deadline
+from lab.timing import Background, Deadline
 
 log = logging.getLogger("lab.run")
 
@@ -157,15 +157,16 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 ctx = BackendCtx(sc, media, l1.ops, where.l0, results,
                                  put=lambda local, remote: dom0.put_file(local, remote, timeout=60))
                 # A restored L1's guests were saved with no disk and nothing is saved
-                # after them, so dom0's steps (the backend under test loaded, then
-                # the test disks' backing devices made) run beside the guests' (new
-                # SSH sessions, clocks, blkfront reloaded): a warm run's round trips
-                # are 0.3-1.8 s each under TCG. A cold run saves the state first,
-                # with guests and no backend, and then goes on in line.
-                backend_job = None
+                # after them, so dom0's steps (the backend under test loaded; the test
+                # disks' backing devices made, plain dm devices that blkback sees only
+                # at `xl block-attach`) run beside each other and beside the guests'
+                # (new SSH sessions, clocks, blkfront reloaded): a warm run's round
+                # trips are 0.3-1.8 s each under TCG. A cold run saves the state
+                # first, with guests and no backend, and then goes on in line.
+                backend_job = backings_job = None
                 if l1.guests_saved and l1.pending_state is None:
-                    backend_job = Background("backend", lambda: (platform.install_backend(ctx),
-                                                                 guests.make_backings(sc, l1)))
+                    backend_job = Background("backend", lambda: platform.install_backend(ctx))
+                    backings_job = Background("backend", lambda: guests.make_backings(sc, l1))
                 try:
                     with phases("guests"):
                         started = _guests_up(sc, l1, media, where, rec, progress, run_dl)
@@ -175,8 +176,9 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                         progress[0] = "guest:attach"
                         guests.load_frontends(sc, started)
                 except BaseException:
-                    if backend_job is not None:
-                        backend_job.abandon()
+                    for job in (backend_job, backings_job):
+                        if job is not None:
+                            job.abandon()
                     raise
                 if l1.pending_state is not None:
                     with phases("save"):
@@ -187,9 +189,10 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 progress[0] = "backend"
                 with phases("backend"):  # what was left of it, when it overlapped the guests
                     prepared = None
-                    if backend_job is not None:
-                        rec["backend"], prepared = backend_job.result(run_dl)
+                    if backend_job is not None and backings_job is not None:
+                        rec["backend"] = backend_job.result(run_dl)
                         rec["backend"]["overlapped_guests_s"] = backend_job.elapsed
+                        prepared = backings_job.result(run_dl)
                     else:
                         rec["backend"] = platform.install_backend(ctx)
                 # KernelCI's names for what is under test: which tree, which commit
@@ -262,44 +265,6 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
     return rec
 
 
-class Background:
-    """One pipeline step run in a thread beside the main one (its commands have
-    their own deadlines). Its exception, of whatever kind, is raised again by
-    result() in the main thread, so the verdict's rules see it as if the step
-    had run in line; result() itself waits no longer than the run's deadline."""
-
-    def __init__(self, stage: str, fn: Callable[[], Any]) -> None:
-        self.stage = stage
-        self.elapsed = 0.0
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"lab-{stage}", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # handed to the main thread by result()
-            self._error = e
-        finally:
-            self.elapsed = round(time.monotonic() - self._t0, 2)
-
-    def result(self, deadline: Deadline) -> Any:
-        self._thread.join(timeout=max(0.0, deadline.remaining()))
-        if self._thread.is_alive():
-            raise LabError(self.stage, f"the {self.stage} step (run beside the guests) did not finish "
-                           f"within the run's deadline ({deadline.seconds:.0f}s)")
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def abandon(self, seconds: float = 30.0) -> None:
-        """The main thread failed: wait a little for the step (its commands end
-        with L1), never let its error hide the main thread's."""
-        self._thread.join(timeout=seconds)
-
-
 def _guests_up(sc: scenario.Scenario, l1: L1, media: Media, where: Where, rec: dict[str, Any],
                progress: list[str], deadline: Deadline) -> list[guests.Guest]:
     """The scenario's guests: those a restored L1 holds, else booted now. A
@@ -344,7 +309,8 @@ def _teardown(sc: scenario.Scenario, l1: L1, started: list[guests.Guest], v: dec
     else:
         try:
             gone = outcome.gone if outcome is not None else set()
-            td = teardown.run(sc, l1, [g for g in started if g.cfg.name not in gone], phases=rec["phases"])
+            td = teardown.run(sc, l1, [g for g in started if g.cfg.name not in gone], phases=rec["phases"],
+                              unfinished=outcome.unfinished if outcome is not None else None)
         except Exception as e:  # the lab's own failure while tearing down: ERROR, never a verdict
             why = e.message if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
             td = teardown.Teardown(steps=[teardown.Step(f"teardown: {why}", "lab", False, 0.0,
@@ -387,9 +353,8 @@ def _finish(sc: scenario.Scenario, rec: dict[str, Any], verdict: decide.Verdict 
     answers = False
     if l1 is not None and not interrupted:  # the user wants out: no evidence round trips
         consoles["xen"] = l1.xen_console
-        answers = evidence.l1_answers(l1)
-        if answers:
-            consoles.update(evidence.guest_consoles(l1, [g.name for g in sc.guests], results))
+        answers, guest_cons = evidence.l1_answers_with_consoles(l1, [g.name for g in sc.guests], results)
+        consoles.update(guest_cons)
     findings = []
     for name, con in consoles.items():
         crash = console.find_crash(con.read_all())

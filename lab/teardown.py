@@ -74,7 +74,9 @@ class _Crashes:
         return ConsoleFinding("xen", found[0], found[1]) if found else None
 
 
-def run(sc: scenario.Scenario, l1: L1, guests: list[Guest], *, phases: dict[str, float]) -> Teardown:
+def run(sc: scenario.Scenario, l1: L1, guests: list[Guest], *, phases: dict[str, float],
+        unfinished: set[str] | None = None) -> Teardown:
+    """`unfinished`: the guests whose workload may still run (None: any may)."""
     td = Teardown()
     crashes = _Crashes(l1.xen_console)
     dom0 = l1.dom0
@@ -93,8 +95,9 @@ def run(sc: scenario.Scenario, l1: L1, guests: list[Guest], *, phases: dict[str,
         last = td.steps[-1]
         return bool(last.timed_out or last.transport_error or last.crash)
 
-    for g in guests:  # the workloads already ended for a PASS or FAIL; make sure
-        g.runner.run(["sh", "-c", "pkill -x fio; true"], timeout=10)
+    for g in guests:  # a workload that did not end by itself (an early FAIL) stops first
+        if unfinished is None or g.cfg.name in unfinished:
+            g.runner.run(["sh", "-c", "pkill -x fio; true"], timeout=10)
     for g in guests:
         for vdev in g.vbds:
             node = f"/local/domain/0/backend/vbd/{g.domid}/{VDEV_DEVID[vdev]}"
@@ -111,10 +114,10 @@ def run(sc: scenario.Scenario, l1: L1, guests: list[Guest], *, phases: dict[str,
             return _done(td, phases, t0)
         if s.ok:
             td.leftovers += destroy_leftovers(s.output, g.cfg.name, g.domid)
-    td.leftovers += l1.ops.backend_leftovers([g.domid for g in guests],
-                                             [b for g in guests for b in g.backings.values()])
-    t = time.monotonic()
-    problem = l1.ops.unload_backend()
+    t = time.monotonic()  # the leftover checks ride on the unload's round trip
+    left, problem = l1.ops.leftovers_then_unload([g.domid for g in guests],
+                                                 [b for g in guests for b in g.backings.values()])
+    td.leftovers += left
     td.steps.append(Step("unload the backend", "unload", problem is None, round(time.monotonic() - t, 2),
                          detail=problem or "", crash=crashes.new()))
     if problem:
@@ -137,11 +140,12 @@ LEFT = "lab-left:"
 
 
 def _until_gone(test: str, what: str) -> str:
-    """sh: poll `test` (succeeds while the thing exists) every 0.5 s, at most
-    GONE_SECONDS; print LEFT`what` if it never went."""
-    tries = int(GONE_SECONDS / 0.5)
+    """sh: poll `test` (succeeds while the thing exists) every 0.1 s (a poll is a
+    process in dom0, a few ms), at most GONE_SECONDS; print LEFT`what` if it
+    never went."""
+    tries = int(GONE_SECONDS / 0.1)
     return (f"n=0; while {test}; do n=$((n+1)); [ $n -ge {tries} ] && {{ echo {LEFT}{what}; break; }}; "
-            "sleep 0.5; done")
+            "sleep 0.1; done")
 
 
 def detach_argv(guest: str, vdev: str, node: str) -> list[str]:

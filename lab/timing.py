@@ -6,9 +6,10 @@ waiting that runs out raises a LabError saying what it waited for.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lab.errors import LabError
 
@@ -65,3 +66,42 @@ def wait_until(
                 tail=tail() if tail else "",
             )
         time.sleep(min(interval, max(0.01, deadline.remaining())))
+
+
+class Background:
+    """One step run in a thread beside the main one (its commands have
+    their own deadlines). Its exception, of whatever kind, is raised again by
+    result() in the main thread, so the verdict's rules see it as if the step
+    had run in line; result() itself waits no longer than the run's deadline."""
+
+    def __init__(self, stage: str, fn: Callable[[], Any], *, beside: str = "the guests") -> None:
+        self.stage = stage
+        self.beside = beside
+        self.elapsed = 0.0
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"lab-{stage}", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # handed to the main thread by result()
+            self._error = e
+        finally:
+            self.elapsed = round(time.monotonic() - self._t0, 2)
+
+    def result(self, deadline: Deadline) -> Any:
+        self._thread.join(timeout=max(0.0, deadline.remaining()))
+        if self._thread.is_alive():
+            raise LabError(self.stage, f"the {self.stage} step (run beside {self.beside}) did not finish "
+                           f"within the run's deadline ({deadline.seconds:.0f}s)")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def abandon(self, seconds: float = 30.0) -> None:
+        """The main thread failed: wait a little for the step (its commands end
+        with L1), never let its error hide the main thread's."""
+        self._thread.join(timeout=seconds)

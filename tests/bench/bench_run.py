@@ -9,8 +9,9 @@ already built (cached), warm.
 
 Prints one JSON document on stdout. Images are built first (not timed).
 Figures per run: wall time, the time from starting L1 (QEMU on the saved state,
-or a cold boot) to the workload's first I/O (`first_io_s`: the first guest
-sample above the attach probe, so one sampling interval coarse), and the phases."""
+or a cold boot) to the workload's first I/O (`first_io_s`: the first sample, of
+the guest or of blkback, above the attach probe, so one sampling interval
+coarse), and the phases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lab/pipeline.py's Background: a step run beside the guests hands back its
+"""lab/timing.py's Background: a step run beside the guests hands back its
 value, or its exception of whatever kind, and is waited for no longer than the
 run's deadline."""
 
@@ -9,8 +9,7 @@ import threading
 import pytest
 
 from lab.errors import LabError
-from lab.pipeline import Background
-from lab.timing import Deadline
+from lab.timing import Background, Deadline
 
 
 def test_a_background_step_shall_hand_back_its_value_and_time() -> None:

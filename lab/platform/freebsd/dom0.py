@@ -94,8 +94,8 @@ class FreeBsdDom0(Dom0Base):
                 nodes.add("/".join(parts[:8]))
         return [f"{n} still in xenstore" for n in sorted(nodes)]
 
-    def unload_backend(self) -> str | None:
-        return None  # blkback is built into FreeBSD's kernel
+    def leftovers_then_unload(self, domids: list[int], backings: list[Backing]) -> tuple[list[str], str | None]:
+        return self.backend_leftovers(domids, backings), None  # blkback is built into FreeBSD's kernel
 
     def evidence_commands(self) -> list[tuple[str, list[str]]]:
         return [

@@ -158,8 +158,14 @@ class LinuxGuest:
         return f"/dev/{vdev}"
 
     @staticmethod
-    def disk_present_argv(vdev: str) -> list[str]:
-        return ["test", "-b", f"/dev/{vdev}"]
+    def disk_present_argv(vdev: str, *, wait_s: float = 0.0) -> list[str]:
+        """The disk's block device is there; with wait_s, waited for that long
+        first (blkfront adds it just after the backend reads Connected)."""
+        if wait_s <= 0:
+            return ["test", "-b", f"/dev/{vdev}"]
+        tries = max(1, int(wait_s / 0.1))
+        return ["sh", "-c", f"n=0; until test -b /dev/{shlex.quote(vdev)}; do n=$((n+1)); "
+                f"[ $n -ge {tries} ] && exit 1; sleep 0.1; done"]
 
     def stat_argv(self, interval: str, vdevs: Sequence[str], *, ring: Collection[str] = ()) -> list[str]:
         """The guest's sampler: each disk's /sys/block/X/stat, or for a disk in
