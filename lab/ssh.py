@@ -2,10 +2,11 @@
 seconds under TCG), host keys pinned (no auto-accept), every command bounded by a
 deadline. Guests are reached through dom0's transport (`direct-tcpip`).
 
-Two paramiko traps shape this file: `recv_exit_status()` ignores the channel
-timeout (paramiko#1815), so we poll with our own deadline; and a remote command
-keeps running after the client gives up (paramiko#2510), so commands are wrapped
-in `timeout -k` on the remote side."""
+Three traps shape this file: `recv_exit_status()` ignores the channel timeout
+(paramiko#1815), so we poll with our own deadline; a remote command keeps
+running after the client gives up (paramiko#2510), so commands are wrapped in
+`timeout -k` on the remote side; and sshd may send a command's exit status
+before the last of its output, so a command's output is read up to EOF."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from lab.runner import CommandLog, Result
 from lab.timing import Deadline
 
 log = logging.getLogger("lab.ssh")
+EOF_GRACE = 2.0  # after the exit status, how long the rest of the output (up to EOF) is waited for
 
 
 def load_pinned_key(pub_path: Path) -> paramiko.PKey:
@@ -142,6 +144,7 @@ class SshRunner:
                 if input is not None:
                     chan.sendall(input.encode())
                     chan.shutdown_write()
+                eof_wait: Deadline | None = None
                 while True:
                     got = False
                     while chan.recv_ready():
@@ -151,8 +154,14 @@ class SshRunner:
                         err += chan.recv_stderr(65536)
                         got = True
                     if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                        rc = chan.recv_exit_status()
-                        break
+                        # sshd may send the exit status before the last of the output
+                        # (seen: a dm device made, its `minor=` line missing, rc 0):
+                        # the output is whole at EOF. A background process that keeps
+                        # stdout open never sends one: EOF_GRACE, then what came.
+                        eof_wait = eof_wait or Deadline(EOF_GRACE)
+                        if chan.eof_received or chan.closed or eof_wait.expired():
+                            rc = chan.recv_exit_status()
+                            break
                     if deadline.expired():
                         timed_out = True
                         break
