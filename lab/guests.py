@@ -24,7 +24,7 @@ from lab.boot import L1, Where, guest_files, guest_ip
 from lab.errors import LabError
 from lab.platform import Backing, GuestPlatform, Media
 from lab.platforms import dom0_platform, guest_platform
-from lab.timing import Background, Deadline
+from lab.timing import Background, Deadline, sh_poll
 from lab.xen import (
     VDEV_DEVID,
     VbdInfo,
@@ -415,15 +415,13 @@ def _block_attach(l1: L1, gu: Guest, xl: Xl, vdev: str, deadline: Deadline, *,
 
 
 def until_settled(be_state: str, fe_state: str, seconds: float) -> str:
-    """sh: poll both xenbus state nodes every 0.1 s, at most `seconds`, until
-    both read Connected or either reads Closing/Closed (a round trip per poll
-    costs 0.3-0.6 s under TCG; a process in dom0 a few ms)."""
-    tries = max(1, int(seconds / 0.1))
+    """sh: poll both xenbus state nodes at most `seconds`, until both read
+    Connected or either reads Closing/Closed."""
     giving_up = "|".join(f"{s}:*|*:{s}" for s in sorted(XENBUS_GIVING_UP))
-    return (f"n=0; while :; do s=\"$(xenstore-read {shlex.quote(be_state)} 2>/dev/null):"
-            f"$(xenstore-read {shlex.quote(fe_state)} 2>/dev/null)\"; "
-            f"case \"$s\" in {XENBUS_CONNECTED}:{XENBUS_CONNECTED}|{giving_up}) break;; esac; "
-            f"n=$((n+1)); [ $n -ge {tries} ] && break; sleep 0.1; done")
+    return sh_poll(f"s=\"$(xenstore-read {shlex.quote(be_state)} 2>/dev/null):"
+                   f"$(xenstore-read {shlex.quote(fe_state)} 2>/dev/null)\"; "
+                   f"case \"$s\" in {XENBUS_CONNECTED}:{XENBUS_CONNECTED}|{giving_up}) true;; *) false;; esac",
+                   seconds, "break")
 
 
 def _vbd_now(gu: Guest, xl: Xl, vdev: str, trees: list[str] | None = None) -> tuple[str, VbdInfo | None, str]:

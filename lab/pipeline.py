@@ -166,7 +166,7 @@ def run(sc: scenario.Scenario, opts: Options) -> dict[str, Any]:
                 backend_job = backings_job = None
                 if l1.guests_saved and l1.pending_state is None:
                     backend_job = Background("backend", lambda: platform.install_backend(ctx))
-                    backings_job = Background("backend", lambda: guests.make_backings(sc, l1))
+                    backings_job = Background("guest:disk", lambda: guests.make_backings(sc, l1))
                 try:
                     with phases("guests"):
                         started = _guests_up(sc, l1, media, where, rec, progress, run_dl)

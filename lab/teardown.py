@@ -23,7 +23,7 @@ from lab import console, scenario
 from lab.boot import L1
 from lab.decide import ConsoleFinding
 from lab.guests import Guest
-from lab.timing import Deadline
+from lab.timing import Deadline, sh_poll
 from lab.xen import VDEV_DEVID
 
 log = logging.getLogger("lab.teardown")
@@ -140,12 +140,9 @@ LEFT = "lab-left:"
 
 
 def _until_gone(test: str, what: str) -> str:
-    """sh: poll `test` (succeeds while the thing exists) every 0.1 s (a poll is a
-    process in dom0, a few ms), at most GONE_SECONDS; print LEFT`what` if it
-    never went."""
-    tries = int(GONE_SECONDS / 0.1)
-    return (f"n=0; while {test}; do n=$((n+1)); [ $n -ge {tries} ] && {{ echo {LEFT}{what}; break; }}; "
-            "sleep 0.1; done")
+    """sh: poll `test` (succeeds while the thing exists) at most GONE_SECONDS;
+    print LEFT`what` if it never went."""
+    return sh_poll(f"! {test}", GONE_SECONDS, f"echo {LEFT}{what}; break")
 
 
 def detach_argv(guest: str, vdev: str, node: str) -> list[str]:

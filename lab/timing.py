@@ -68,6 +68,15 @@ def wait_until(
         time.sleep(min(interval, max(0.01, deadline.remaining())))
 
 
+def sh_poll(until: str, seconds: float, on_timeout: str) -> str:
+    """sh: run `until` (a command list) every 0.1 s until it succeeds, at most
+    `seconds`; then `on_timeout`, which must end the loop (`break`, `exit N`).
+    A wait inside one remote command: a poll there is a process (a few ms),
+    where a round trip per poll costs 0.3-0.6 s under TCG."""
+    tries = max(1, int(seconds / 0.1))
+    return f"n=0; until {until}; do n=$((n+1)); [ $n -ge {tries} ] && {{ {on_timeout}; }}; sleep 0.1; done"
+
+
 class Background:
     """One step run in a thread beside the main one (its commands have
     their own deadlines). Its exception, of whatever kind, is raised again by

@@ -542,3 +542,22 @@ def test_a_runs_overlay_shall_have_4k_clusters_over_its_base(tmp_path: Path) -> 
     info = _info(tmp_path / "ov.qcow2")
     assert (info["format"], info["cluster-size"]) == ("qcow2", 4096)
     assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "raw"
+
+
+# ------------------------------------------------------------------ lab/timing.py: sh_poll
+def test_sh_poll_shall_stop_at_success_or_run_on_timeout_after_its_seconds(tmp_path: Path) -> None:
+    """The shared remote wait: done at once when the condition holds, else
+    `on_timeout` after about `seconds` (it ends the loop: here with exit 7)."""
+    from lab.timing import sh_poll
+
+    flag = tmp_path / "flag"
+    flag.touch()
+    t = time.monotonic()
+    ok = subprocess.run(["sh", "-c", sh_poll(f"test -e {flag}", 5.0, "exit 7") + "; echo done"],
+                        capture_output=True, text=True, timeout=10)
+    assert (ok.returncode, ok.stdout) == (0, "done\n") and time.monotonic() - t < 1.0
+    flag.unlink()
+    t = time.monotonic()
+    late = subprocess.run(["sh", "-c", sh_poll(f"test -e {flag}", 0.5, "exit 7") + "; echo done"],
+                          capture_output=True, text=True, timeout=10)
+    assert (late.returncode, late.stdout) == (7, "") and 0.3 <= time.monotonic() - t < 3.0

@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 from lab import images, ringfront
 from lab.runner import LocalRunner, Runner
 from lab.scenario import RING_GRANT_LIMIT, GuestCfg
+from lab.timing import sh_poll
 
 FRONTEND_PARAMS = ("max_ring_page_order", "max_queues", "feature_persistent", "max_indirect_segments")
 
@@ -163,9 +164,7 @@ class LinuxGuest:
         first (blkfront adds it just after the backend reads Connected)."""
         if wait_s <= 0:
             return ["test", "-b", f"/dev/{vdev}"]
-        tries = max(1, int(wait_s / 0.1))
-        return ["sh", "-c", f"n=0; until test -b /dev/{shlex.quote(vdev)}; do n=$((n+1)); "
-                f"[ $n -ge {tries} ] && exit 1; sleep 0.1; done"]
+        return ["sh", "-c", sh_poll(f"test -b /dev/{shlex.quote(vdev)}", wait_s, "exit 1")]
 
     def stat_argv(self, interval: str, vdevs: Sequence[str], *, ring: Collection[str] = ()) -> list[str]:
         """The guest's sampler: each disk's /sys/block/X/stat, or for a disk in
